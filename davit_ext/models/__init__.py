@@ -1,0 +1,3 @@
+from .davit import DaViT
+
+__all__ = ['DaViT']

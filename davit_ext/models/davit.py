@@ -1,0 +1,648 @@
+"""DaViT: Dual Attention Vision Transformers (Ding et al., ECCV 2022).
+
+Our own implementation, written for mmpretrain's ``ImageClassifier`` and for
+speed. Its state dict has exactly the keys and shapes of mmpretrain 1.2's
+``DaViT`` so the published checkpoints load with ``strict=True``.
+
+Layout: between the stem and the output norms every feature map travels as a
+contiguous ``(B, H, W, C)`` tensor ("tokens in a grid"). LayerNorm and the
+linear layers act on the last dim directly, the depthwise convolutions see the
+same memory as a channels-last NCHW tensor (a view, no copy), and only window
+partitioning needs a real copy.
+
+Input sizes: any ``H, W`` runs. Feature maps are ``ceil(H / 4)`` then halved
+with ceil at each stage, as in the original model: an odd map is padded
+right/bottom by the downsample layer, and a map that is not a multiple of the
+window is padded right/bottom (after the LayerNorm, no attention mask), both
+exactly as the original DaViT does. Where every stage map is even and at least
+the window, the forward equals mmpretrain's.
+"""
+import math
+from copy import deepcopy
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as checkpoint
+from mmcv.cnn import build_norm_layer
+from mmengine.utils.dl_utils.parrots_wrapper import _BatchNorm
+from mmpretrain.models.backbones.base_backbone import BaseBackbone
+from torch import Tensor
+
+from davit_ext.registry import MODELS
+
+
+def drop_path(x: Tensor, prob: float, training: bool) -> Tensor:
+    """Stochastic depth: zero whole samples of a residual branch."""
+    if prob == 0. or not training:
+        return x
+    keep = 1. - prob
+    mask = x.new_empty((x.shape[0], ) + (1, ) * (x.dim() - 1))
+    return x * mask.bernoulli_(keep).div_(keep)
+
+
+class ConvPosEnc(nn.Module):
+    """Conditional position encoding: ``x + depthwise_conv(x)``.
+
+    Args:
+        embed_dims (int): Number of channels.
+        kernel_size (int): Kernel of the depthwise conv. Defaults to 3.
+    """
+
+    def __init__(self, embed_dims: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(
+            embed_dims,
+            embed_dims,
+            kernel_size,
+            padding=kernel_size // 2,
+            groups=embed_dims)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: (B, H, W, C) -> (B, H, W, C)."""
+        # The NHWC tensor is a channels-last NCHW tensor: no copy either way.
+        feat = self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return x + feat
+
+
+class FFN(nn.Module):
+    """Two-layer MLP with GELU (keys ``layers.0.0`` and ``layers.1``)."""
+
+    def __init__(self, embed_dims: int, hidden_dims: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Sequential(nn.Linear(embed_dims, hidden_dims), nn.GELU()),
+            nn.Linear(hidden_dims, embed_dims))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class WindowMSA(nn.Module):
+    """Multi-head self-attention inside each window (no position bias).
+
+    Args:
+        embed_dims (int): Number of channels.
+        num_heads (int): Number of heads.
+        qkv_bias (bool): Bias of the fused qkv projection. Defaults to True.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 num_heads: int,
+                 qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=qkv_bias)
+        self.proj = nn.Linear(embed_dims, embed_dims)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: (num_windows * B, N, C) -> same shape."""
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads,
+                                   C // self.num_heads).permute(2, 0, 3, 1,
+                                                                4).unbind(0)
+        # softmax(q k^T / sqrt(head_dim)) v, the default scale of SDPA.
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class WindowAttention(nn.Module):
+    """Split a (B, H, W, C) map into windows, attend, and merge back.
+
+    Args:
+        embed_dims (int): Number of channels.
+        num_heads (int): Number of heads.
+        window_size (int): Side of the square windows.
+        qkv_bias (bool): Bias of the qkv projection. Defaults to True.
+        pad_small_map (bool): If True, a map smaller than the window is
+            zero-padded up to the window, as in the original DaViT. If False,
+            the window shrinks to the map instead (no padded tokens).
+            Defaults to True.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 num_heads: int,
+                 window_size: int,
+                 qkv_bias: bool = True,
+                 pad_small_map: bool = True) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.pad_small_map = pad_small_map
+        self.w_msa = WindowMSA(embed_dims, num_heads, qkv_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, H, W, C = x.shape
+        wh = ww = self.window_size
+        if not self.pad_small_map:
+            wh, ww = min(wh, H), min(ww, W)
+        # Pad right/bottom after the norm and attend over the zeros without a
+        # mask: what the original model (and mmpretrain) does.
+        pad_b, pad_r = -H % wh, -W % ww
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        nh, nw = (H + pad_b) // wh, (W + pad_r) // ww
+        windows = x.view(B, nh, wh, nw, ww, C).transpose(2, 3)
+        out = self.w_msa(windows.reshape(B * nh * nw, wh * ww, C))
+        out = out.view(B, nh, nw, wh, ww, C).transpose(2, 3)
+        out = out.reshape(B, nh * wh, nw * ww, C)
+        if pad_b or pad_r:
+            out = out[:, :H, :W]
+        return out
+
+
+class ChannelAttention(nn.Module):
+    """Channel group attention: each head attends over its channels.
+
+    Per head, ``softmax(scale * k^T v)`` (head_dim x head_dim) mixes the
+    channels of ``q``; ``scale = head_dim ** -0.5``.
+
+    Args:
+        embed_dims (int): Number of channels.
+        num_heads (int): Number of channel groups.
+        qkv_bias (bool): Bias of the qkv projection. Defaults to True.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 num_heads: int,
+                 qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (embed_dims // num_heads)**-0.5
+        self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=qkv_bias)
+        self.proj = nn.Linear(embed_dims, embed_dims)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: (B, H, W, C) -> same shape."""
+        B, H, W, C = x.shape
+        N = H * W
+        # (B, heads, head_dim, N) views of q, k and v.
+        q, k, v = self.qkv(x.view(B, N, C)).view(B, N, 3, self.num_heads,
+                                                 C // self.num_heads).permute(
+                                                     2, 0, 3, 4, 1).unbind(0)
+        attn = (k @ v.transpose(-1, -2)).mul_(self.scale).softmax(dim=-1)
+        out = (attn @ q).permute(0, 3, 1, 2).reshape(B, H, W, C)
+        return self.proj(out)
+
+
+class AttentionBlock(nn.Module):
+    """One half of a DaViT block around the attention ``attn``::
+
+        x = cpe1(x); x = x + attn(norm1(x))
+        x = cpe2(x); x = x + ffn(norm2(x))
+
+    Args:
+        attn (nn.Module): Spatial (window) or channel attention.
+        embed_dims (int): Number of channels.
+        ffn_ratio (float): Hidden width of the FFN over ``embed_dims``.
+        drop_path (float): Stochastic depth rate of both residual branches.
+    """
+
+    def __init__(self, attn: nn.Module, embed_dims: int, ffn_ratio: float,
+                 drop_path: float) -> None:
+        super().__init__()
+        self.cpe1 = ConvPosEnc(embed_dims)
+        self.norm1 = nn.LayerNorm(embed_dims)
+        self.attn = attn
+        self.cpe2 = ConvPosEnc(embed_dims)
+        self.norm2 = nn.LayerNorm(embed_dims)
+        self.ffn = FFN(embed_dims, int(embed_dims * ffn_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.cpe1(x)
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path,
+                          self.training)
+        x = self.cpe2(x)
+        return x + drop_path(
+            self.ffn(self.norm2(x)), self.drop_path, self.training)
+
+
+class DaViTBlock(nn.Module):
+    """A spatial (window) attention block followed by a channel one."""
+
+    def __init__(self,
+                 embed_dims: int,
+                 num_heads: int,
+                 window_size: int = 7,
+                 ffn_ratio: float = 4.,
+                 qkv_bias: bool = True,
+                 drop_path: float = 0.,
+                 pad_small_map: bool = True) -> None:
+        super().__init__()
+        self.spatial_block = AttentionBlock(
+            WindowAttention(embed_dims, num_heads, window_size, qkv_bias,
+                            pad_small_map), embed_dims, ffn_ratio, drop_path)
+        self.channel_block = AttentionBlock(
+            ChannelAttention(embed_dims, num_heads, qkv_bias), embed_dims,
+            ffn_ratio, drop_path)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.channel_block(self.spatial_block(x))
+
+
+class Downsample(nn.Module):
+    """LayerNorm, then a 2x2 stride-2 conv; odd maps are padded right/bottom.
+
+    Args:
+        in_channels (int): Input channels.
+        out_channels (int): Output channels.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_channels)
+        self.projection = nn.Conv2d(
+            in_channels, out_channels, kernel_size=2, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C_out)."""
+        x = self.norm(x)
+        H, W = x.shape[1:3]
+        if H % 2 or W % 2:
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        x = self.projection(x.permute(0, 3, 1, 2))
+        return x.permute(0, 2, 3, 1).contiguous()
+
+
+class PatchEmbed(nn.Module):
+    """Stem: 7x7 conv with stride ``patch_size``, then LayerNorm.
+
+    Both paddings give ``ceil(H / patch_size)`` rows:
+
+    - mmpretrain's ("same"): the padding the 7x7 kernel needs, the odd pixel
+      at the bottom/right (1 top, 2 bottom at 224).
+    - the original DaViT's (``official=True``): pad right/bottom to a
+      multiple of ``patch_size``, then 3 on every side.
+
+    Args:
+        in_channels (int): Image channels.
+        embed_dims (int): Output channels.
+        patch_size (int): Stride of the stem conv.
+        official (bool): Use the original model's padding.
+    """
+    kernel_size = 7
+
+    def __init__(self, in_channels: int, embed_dims: int, patch_size: int,
+                 official: bool) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.official = official
+        self.projection = nn.Conv2d(
+            in_channels,
+            embed_dims,
+            kernel_size=self.kernel_size,
+            stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dims)
+
+    def _padding(self, size: int) -> Tuple[int, int]:
+        """(before, after) padding of one spatial dim."""
+        s, k = self.patch_size, self.kernel_size
+        if self.official:
+            return k // 2, k // 2 + (-size % s)
+        total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+        return total // 2, total - total // 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: (B, C_in, H, W) -> (B, ceil(H/p), ceil(W/p), C)."""
+        top, bottom = self._padding(x.shape[2])
+        left, right = self._padding(x.shape[3])
+        x = F.pad(x, (left, right, top, bottom))
+        x = self.projection(x).permute(0, 2, 3, 1).contiguous()
+        return self.norm(x)
+
+
+class DaViTStage(nn.Module):
+    """``depth`` DaViT blocks, then (all but the last stage) a downsample.
+
+    Args:
+        embed_dims (int): Channels of the blocks.
+        depth (int): Number of blocks.
+        num_heads (int): Heads of both attentions.
+        window_size (int): Window side of the spatial attention.
+        ffn_ratio (float): FFN hidden width over ``embed_dims``.
+        qkv_bias (bool): Bias of the qkv projections.
+        drop_paths (Sequence[float]): Stochastic depth rate of each block.
+        downsample (bool): Whether the stage ends with a downsample layer.
+        pad_small_map (bool): See :class:`WindowAttention`.
+        with_cp (bool): Gradient checkpointing of each block when training.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 depth: int,
+                 num_heads: int,
+                 window_size: int = 7,
+                 ffn_ratio: float = 4.,
+                 qkv_bias: bool = True,
+                 drop_paths: Sequence[float] = (),
+                 downsample: bool = False,
+                 pad_small_map: bool = True,
+                 with_cp: bool = False) -> None:
+        super().__init__()
+        drop_paths = list(drop_paths) or [0.] * depth
+        self.with_cp = with_cp
+        self.blocks = nn.ModuleList(
+            DaViTBlock(embed_dims, num_heads, window_size, ffn_ratio,
+                       qkv_bias, drop_paths[i], pad_small_map)
+            for i in range(depth))
+        self.downsample = Downsample(embed_dims, 2 * embed_dims) \
+            if downsample else None
+        self.out_channels = 2 * embed_dims if downsample else embed_dims
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Run the blocks (not the downsample): (B, H, W, C) in and out."""
+        use_cp = self.with_cp and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            if use_cp:
+                x = checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+@MODELS.register_module()
+class DaViT(BaseBackbone):
+    """DaViT backbone (`DaViT: Dual Attention Vision Transformers
+    <https://arxiv.org/abs/2204.03645>`_).
+
+    Args:
+        arch (str | dict): One of ``tiny``/``t``, ``small``/``s``, ``base``/
+            ``b``, ``large``/``l``, ``huge``/``h``, ``giant``/``g``, or a dict
+            with ``embed_dims`` (int), ``depths`` and ``num_heads`` (lists of
+            one entry per stage). Defaults to ``'t'``.
+        patch_size (int): Stride of the 7x7 stem conv. Defaults to 4.
+        in_channels (int): Image channels. Defaults to 3.
+        window_size (int): Window side of the spatial attention.
+            Defaults to 7.
+        ffn_ratio (float): FFN hidden width over the channels. Defaults to 4.
+        qkv_bias (bool): Bias of the qkv projections. Defaults to True.
+        drop_path_rate (float): Stochastic depth rate, rising linearly from 0
+            over the blocks. Defaults to 0.1.
+        out_after_downsample (bool): Output a stage's map after its downsample
+            layer instead of before. Defaults to False.
+        pad_small_map (bool): Pad maps smaller than the window up to it (the
+            original model's behaviour). False shrinks the window to the map
+            instead. Defaults to True. (mmpretrain raises on such maps.)
+        norm_cfg (dict): Norm applied to each output, over the channels.
+            Defaults to ``dict(type='LN')``.
+        stage_cfgs (dict | Sequence[dict]): Per-stage overrides of
+            ``window_size``, ``ffn_ratio``, ``qkv_bias``, ``pad_small_map``
+            and ``with_cp``: one dict for all stages or one per stage.
+        frozen_stages (int): Freeze the stem and stages ``0..frozen_stages``
+            (and their output norms); -1 freezes nothing. Defaults to -1.
+        norm_eval (bool): Keep BatchNorm layers in eval mode while training.
+            Defaults to False.
+        out_indices (int | Sequence[int]): Stages to output; negative indices
+            count from the end. Defaults to ``(3, )``.
+        with_cp (bool): Gradient checkpointing of every block (saves memory,
+            same outputs and gradients). Defaults to False.
+        official (bool): Forward of the original DaViT instead of
+            mmpretrain's: the stem is padded 3 on every side (after padding
+            right/bottom to a multiple of ``patch_size``) and each output is
+            globally average pooled *before* its norm, so the backbone returns
+            normalised ``(B, C)`` features and the classifier needs no neck.
+            The state dict is the same. Defaults to False.
+        init_cfg (dict | list[dict], optional): mmengine initialization
+            config. Without one, linear weights get a truncated normal
+            (std 0.02) and zero bias, as in the original model.
+
+    Returns (forward):
+        tuple[Tensor]: One entry per ``out_indices``, in stage order:
+        ``(B, C_i, H_i, W_i)`` maps, or ``(B, C_i)`` vectors when
+        ``official=True``.
+    """
+    arch_zoo = {
+        **dict.fromkeys(['t', 'tiny'], {
+            'embed_dims': 96,
+            'depths': [1, 1, 3, 1],
+            'num_heads': [3, 6, 12, 24]
+        }),
+        **dict.fromkeys(['s', 'small'], {
+            'embed_dims': 96,
+            'depths': [1, 1, 9, 1],
+            'num_heads': [3, 6, 12, 24]
+        }),
+        **dict.fromkeys(['b', 'base'], {
+            'embed_dims': 128,
+            'depths': [1, 1, 9, 1],
+            'num_heads': [4, 8, 16, 32]
+        }),
+        **dict.fromkeys(['l', 'large'], {
+            'embed_dims': 192,
+            'depths': [1, 1, 9, 1],
+            'num_heads': [6, 12, 24, 48]
+        }),
+        **dict.fromkeys(['h', 'huge'], {
+            'embed_dims': 256,
+            'depths': [1, 1, 9, 1],
+            'num_heads': [8, 16, 32, 64]
+        }),
+        **dict.fromkeys(['g', 'giant'], {
+            'embed_dims': 384,
+            'depths': [1, 1, 12, 3],
+            'num_heads': [12, 24, 48, 96]
+        }),
+    }
+    _stage_keys = ('window_size', 'ffn_ratio', 'qkv_bias', 'pad_small_map',
+                   'with_cp')
+
+    def __init__(self,
+                 arch: Union[str, Dict] = 't',
+                 patch_size: int = 4,
+                 in_channels: int = 3,
+                 window_size: int = 7,
+                 ffn_ratio: float = 4.,
+                 qkv_bias: bool = True,
+                 drop_path_rate: float = 0.1,
+                 out_after_downsample: bool = False,
+                 pad_small_map: bool = True,
+                 norm_cfg: Optional[Dict] = dict(type='LN'),
+                 stage_cfgs: Union[Dict, Sequence[Dict]] = dict(),
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 out_indices: Union[int, Sequence[int]] = (3, ),
+                 with_cp: bool = False,
+                 official: bool = False,
+                 init_cfg: Optional[Union[Dict, List[Dict]]] = None) -> None:
+        super().__init__(init_cfg)
+        self.arch_settings = self._parse_arch(arch)
+        self.embed_dims = self.arch_settings['embed_dims']
+        self.depths = list(self.arch_settings['depths'])
+        self.num_heads = list(self.arch_settings['num_heads'])
+        self.num_layers = len(self.depths)
+        self.in_channels = in_channels
+        self.out_indices = self._parse_out_indices(out_indices)
+        if not -1 <= frozen_stages < self.num_layers:
+            raise ValueError(
+                f'DaViT: frozen_stages must be in [-1, {self.num_layers - 1}]'
+                f' (-1 freezes nothing); got {frozen_stages}.')
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.out_after_downsample = out_after_downsample
+        self.official = official
+        stage_cfgs = self._parse_stage_cfgs(stage_cfgs)
+
+        self.patch_embed = PatchEmbed(in_channels, self.embed_dims,
+                                      patch_size, official)
+
+        # Stochastic depth rises linearly over all blocks.
+        dpr = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        self.stages = nn.ModuleList()
+        channels = self.embed_dims
+        self.num_features = []
+        for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
+            cfg = dict(
+                window_size=window_size,
+                ffn_ratio=ffn_ratio,
+                qkv_bias=qkv_bias,
+                pad_small_map=pad_small_map,
+                with_cp=with_cp)
+            cfg.update(stage_cfgs[i])
+            stage = DaViTStage(
+                channels,
+                depth,
+                heads,
+                drop_paths=dpr[:depth],
+                downsample=i < self.num_layers - 1,
+                **cfg)
+            dpr = dpr[depth:]
+            self.stages.append(stage)
+            self.num_features.append(
+                stage.out_channels if out_after_downsample else channels)
+            channels = stage.out_channels
+
+        for i in self.out_indices:
+            norm = nn.Identity() if norm_cfg is None else build_norm_layer(
+                norm_cfg, self.num_features[i])[1]
+            self.add_module(f'norm{i}', norm)
+        self._freeze_stages()
+
+    # ------------------------------------------------------------ validation
+    def _parse_arch(self, arch: Union[str, Dict]) -> Dict:
+        if isinstance(arch, str):
+            if arch.lower() not in self.arch_zoo:
+                raise ValueError(
+                    f'DaViT: unknown arch {arch!r}; choose one of '
+                    f'{sorted(self.arch_zoo)} or pass a dict with '
+                    '"embed_dims", "depths" and "num_heads".')
+            return deepcopy(self.arch_zoo[arch.lower()])
+        if not isinstance(arch, dict):
+            raise TypeError('DaViT: arch must be a name or a dict; got '
+                            f'{type(arch).__name__}.')
+        missing = {'embed_dims', 'depths', 'num_heads'} - set(arch)
+        if missing:
+            raise ValueError(f'DaViT: custom arch is missing keys '
+                             f'{sorted(missing)}; it needs "embed_dims" '
+                             '(int), "depths" and "num_heads" (lists).')
+        depths, heads = list(arch['depths']), list(arch['num_heads'])
+        if len(depths) != len(heads) or not depths:
+            raise ValueError(
+                'DaViT: custom arch "depths" and "num_heads" must be '
+                f'non-empty lists of equal length; got {len(depths)} depths '
+                f'and {len(heads)} num_heads.')
+        for i, h in enumerate(heads):
+            dims = arch['embed_dims'] * 2**i
+            if h <= 0 or dims % h:
+                raise ValueError(
+                    f'DaViT: stage {i} has {dims} channels, not divisible by '
+                    f'its {h} heads; choose num_heads[{i}] dividing {dims}.')
+        return dict(arch)
+
+    def _parse_out_indices(self, out_indices) -> Tuple[int, ...]:
+        if isinstance(out_indices, int):
+            out_indices = [out_indices]
+        n = self.num_layers
+        parsed = set()
+        for i in out_indices:
+            if not -n <= i < n:
+                raise ValueError(
+                    f'DaViT: out_indices entry {i} is out of range for '
+                    f'{n} stages; use 0..{n - 1} or -{n}..-1.')
+            parsed.add(i % n)
+        return tuple(sorted(parsed))
+
+    def _parse_stage_cfgs(self, stage_cfgs) -> List[Dict]:
+        if isinstance(stage_cfgs, dict):
+            stage_cfgs = [stage_cfgs] * self.num_layers
+        stage_cfgs = list(stage_cfgs)
+        if len(stage_cfgs) != self.num_layers:
+            raise ValueError(
+                f'DaViT: stage_cfgs has {len(stage_cfgs)} entries for '
+                f'{self.num_layers} stages; give one dict or one per stage.')
+        for cfg in stage_cfgs:
+            unknown = set(cfg) - set(self._stage_keys)
+            if unknown:
+                raise ValueError(
+                    f'DaViT: stage_cfgs keys {sorted(unknown)} are not '
+                    f'supported; allowed: {list(self._stage_keys)}.')
+        return [dict(cfg) for cfg in stage_cfgs]
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_channels or \
+                x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(
+                'DaViT expects an image batch of shape (N, '
+                f'{self.in_channels}, H, W) with N, H, W >= 1; got a tensor '
+                f'of shape {tuple(x.shape)}.')
+
+    # ---------------------------------------------------------------- train
+    def init_weights(self) -> None:
+        if self.init_cfg is not None:
+            super().init_weights()
+            return
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def train(self, mode: bool = True) -> 'DaViT':
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
+
+    def _freeze_stages(self) -> None:
+        if self.frozen_stages < 0:
+            return
+        frozen = [self.patch_embed] + [
+            self.stages[i] for i in range(self.frozen_stages + 1)
+        ] + [
+            getattr(self, f'norm{i}') for i in self.out_indices
+            if i <= self.frozen_stages
+        ]
+        for m in frozen:
+            m.eval()
+            for param in m.parameters():
+                param.requires_grad = False
+
+    # -------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        self._check_input(x)
+        x = self.patch_embed(x)
+        outs = []
+        for i, stage in enumerate(self.stages[:self.out_indices[-1] + 1]):
+            x = stage(x)
+            if self.out_after_downsample and stage.downsample is not None:
+                x = stage.downsample(x)
+            if i in self.out_indices:
+                outs.append(self._output(i, x))
+            if not self.out_after_downsample and \
+                    stage.downsample is not None and i < self.out_indices[-1]:
+                x = stage.downsample(x)
+        return tuple(outs)
+
+    def _output(self, i: int, x: Tensor) -> Tensor:
+        norm = getattr(self, f'norm{i}')
+        if self.official:
+            # The original model pools first, then normalises.
+            return norm(x.mean(dim=(1, 2)))
+        # (B, H, W, C) -> (B, C, H, W) as a channels-last view.
+        return norm(x).permute(0, 3, 1, 2)

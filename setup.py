@@ -1,0 +1,106 @@
+"""Set-up of davit_ext: DaViT for mmpretrain in its own registry scope."""
+import os
+import os.path as osp
+import shutil
+import sys
+from importlib import metadata
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+HERE = osp.dirname(osp.abspath(__file__))
+# Configs and the metafile are data of the package (like mmpretrain's .mim
+# folder) so that the model hub finds them in a wheel install too.
+MIM_FILES = ['configs', 'model-index.yml', 'tools']
+
+
+def read_version() -> str:
+    scope = {}
+    with open(osp.join(HERE, 'davit_ext', 'version.py')) as f:
+        exec(f.read(), scope)
+    return scope['__version__']
+
+
+def has_full_mmcv() -> bool:
+    """True if a full (compiled) ``mmcv`` distribution is installed.
+
+    mmcv and mmcv-lite both provide the ``mmcv`` module: requiring mmcv-lite
+    next to a user's full mmcv would overwrite it, so we only ask for
+    mmcv-lite when no full mmcv is there.
+    """
+    try:
+        metadata.version('mmcv')
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def requirements():
+    reqs = ['torch', 'torchvision', 'mmengine>=0.10.7,<1.0',
+            'mmpretrain>=1.2.0,<2.0']
+    reqs.append('mmcv>=2.0.0,<2.3.0' if has_full_mmcv() else
+                'mmcv-lite>=2.0.0,<2.3.0')
+    return reqs
+
+
+class BuildWithMim(build_py):
+    """Copy configs/, tools/ and model-index.yml into davit_ext/.mim."""
+
+    def run(self):
+        super().run()
+        dst_root = osp.join(self.build_lib, 'davit_ext', '.mim')
+        for name in MIM_FILES:
+            src = osp.join(HERE, name)
+            if not osp.exists(src):
+                continue
+            dst = osp.join(dst_root, name)
+            if osp.isdir(dst):
+                shutil.rmtree(dst)
+            os.makedirs(dst_root, exist_ok=True)
+            if osp.isdir(src):
+                shutil.copytree(
+                    src, dst, ignore=shutil.ignore_patterns('__pycache__'))
+            else:
+                shutil.copyfile(src, dst)
+
+
+def link_mim_for_develop():
+    """Editable installs: point davit_ext/.mim/* at the source folders."""
+    mim = osp.join(HERE, 'davit_ext', '.mim')
+    os.makedirs(mim, exist_ok=True)
+    for name in MIM_FILES:
+        src, dst = osp.join(HERE, name), osp.join(mim, name)
+        if not osp.exists(src) or osp.lexists(dst):
+            continue
+        os.symlink(osp.relpath(src, mim), dst)
+
+
+if 'develop' in sys.argv or 'editable_wheel' in sys.argv:
+    link_mim_for_develop()
+
+setup(
+    name='davit_ext',
+    version=read_version(),
+    description='DaViT (Dual Attention Vision Transformers) for mmpretrain',
+    long_description=open(osp.join(HERE, 'README.md')).read()
+    if osp.exists(osp.join(HERE, 'README.md')) else '',
+    long_description_content_type='text/markdown',
+    keywords='computer vision, image classification, DaViT, mmpretrain',
+    packages=find_packages(exclude=('configs', 'tools', 'tests', 'demo')),
+    include_package_data=True,
+    package_data={'davit_ext': ['.mim/**/*', '.mim/*']},
+    cmdclass={'build_py': BuildWithMim},
+    python_requires='>=3.8',
+    install_requires=requirements(),
+    extras_require={
+        'tests': ['pytest', 'timm>=1.0', 'scikit-learn', 'onnx',
+                  'onnxruntime'],
+    },
+    classifiers=[
+        'Programming Language :: Python :: 3',
+        'License :: OSI Approved :: Apache Software License',
+        'Operating System :: OS Independent',
+    ],
+    license='Apache License 2.0',
+    zip_safe=False,
+)

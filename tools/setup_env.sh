@@ -1,0 +1,15 @@
+# Source this file (". tools/setup_env.sh"): it makes sure a virtual environment
+# is active (creating .venv when none is), then installs davit_ext and its test
+# extras into it. Idempotent: a second run only checks what is there.
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv || return 1
+  fi
+  . .venv/bin/activate
+fi
+# torchvision's wheel must match torch's exactly; this pair works on CPU-only
+# machines (see README). Installed only when the venv has no working pair.
+if ! python -c "import torch, torchvision.ops" >/dev/null 2>&1; then
+  python -m pip install -q torch==2.14.1 torchvision==0.29.1 || return 1
+fi
+python -m pip install -q -e ".[tests]" || return 1
