@@ -1,0 +1,10 @@
+# DaViT-Base on ImageNet-1k: 4 GPUs x 256 images (total batch 1024, the
+# schedule's base batch size).
+_base_ = [
+    '../_base_/models/davit/davit-base.py',
+    '../_base_/datasets/imagenet_bs256_davit_224.py',
+    '../_base_/schedules/imagenet_bs1024_adamw_swin.py',
+    '../_base_/default_runtime.py',
+]
+
+train_dataloader = dict(batch_size=256)
