@@ -11,6 +11,9 @@ from .version import __version__
 _register_mmpretrain(init_default_scope=False)
 
 from . import models  # noqa: E402,F401  (registers DaViT)
+from .analysis import register_flop_handles  # noqa: E402
 from .registry import MODELS  # noqa: E402,F401
+
+register_flop_handles()
 
 __all__ = ['__version__', 'MODELS', 'models']

@@ -518,6 +518,10 @@ class DaViT(BaseBackbone):
         for i in self.out_indices:
             norm = nn.Identity() if norm_cfg is None else build_norm_layer(
                 norm_cfg, self.num_features[i])[1]
+            if official and not isinstance(norm, (nn.LayerNorm, nn.Identity)):
+                raise ValueError(
+                    'DaViT: official=True normalises pooled (B, C) features '
+                    f'and needs a LayerNorm norm_cfg; got {norm_cfg}.')
             self.add_module(f'norm{i}', norm)
         self._freeze_stages()
 
@@ -644,5 +648,8 @@ class DaViT(BaseBackbone):
         if self.official:
             # The original model pools first, then normalises.
             return norm(x.mean(dim=(1, 2)))
-        # (B, H, W, C) -> (B, C, H, W) as a channels-last view.
-        return norm(x).permute(0, 3, 1, 2)
+        if isinstance(norm, nn.LayerNorm):
+            # (B, H, W, C) -> (B, C, H, W) as a channels-last view.
+            return norm(x).permute(0, 3, 1, 2)
+        # Other norms (BN, GN, ...) take NCHW.
+        return norm(x.permute(0, 3, 1, 2))
