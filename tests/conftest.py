@@ -1,0 +1,17 @@
+import os
+
+import pytest
+import torch
+
+# Two cores on CI: keep torch from oversubscribing them.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+import davit_ext  # noqa: E402,F401  (registers our modules)
+
+
+@pytest.fixture
+def davit_scope():
+    """Build configs under ``default_scope='davit_ext'``, as our configs do."""
+    from mmengine.registry import DefaultScope
+    with DefaultScope.overwrite_default_scope('davit_ext'):
+        yield
