@@ -5,70 +5,108 @@ Three layouts hold the same tensors under different names:
 - ``mmpretrain``: ``backbone.patch_embed.projection``, ``backbone.stages.{i}.
   blocks.{j}.{spatial,channel}_block.*`` (window attention under
   ``attn.w_msa``), ``backbone.stages.{i}.downsample`` at the *end* of stage i,
-  ``backbone.norm3``, ``head.fc``. This is our backbone's layout.
+  ``backbone.norm{last}``, ``head.fc``. This is our backbone's layout.
 - ``timm``: ``stem.conv``, ``stages.{i}.blocks.{j}.{0,1}.*``, downsample at
-  the *start* of stage i (``stages.{i+1}.downsample.conv``), ``head.norm``,
-  ``head.fc``.
+  the *start* of stage i (``stages.{i}.downsample.conv``, i >= 1),
+  ``head.norm``, ``head.fc``.
+- ``official`` (github.com/dingmyu/davit): ``patch_embeds.0`` is the stem and
+  ``patch_embeds.{i}`` (i >= 1) the downsample in front of stage i,
+  ``main_blocks.{i}.{j}.{0,1}.*`` with ``cpe.{0,1}`` position encodings,
+  ``norms`` (output norm) and ``head`` (the classifier ``Linear``).
 
-Each rule below is a pair of regexes, one per layout, applied to the whole key;
-conversion is a rename, so values are passed through untouched (a round trip
-is bit-identical).
+Every rule below names one tensor in all three layouts with a template whose
+``{fields}`` are matched against a key and written into the other layout's
+template. A field ending in ``_1`` holds one less than the shared value (the
+mmpretrain stage that *ends* with a downsample is one below the timm/official
+stage that starts with it). Conversion is a rename: values pass through
+untouched, so every round trip is bit-identical.
 """
 import re
 from collections import OrderedDict
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from torch import Tensor
 
-# (mmpretrain pattern, timm pattern). Groups are written as named groups so
-# a rule can be used in both directions; ``{n}``-style references are
-# filled from the match.
-_MMPRETRAIN_TIMM: List[Tuple[str, str]] = [
-    (r'backbone\.patch_embed\.projection\.(?P<p>weight|bias)',
-     r'stem\.conv\.(?P<p>weight|bias)'),
-    (r'backbone\.patch_embed\.norm\.(?P<p>weight|bias)',
-     r'stem\.norm\.(?P<p>weight|bias)'),
-    (r'backbone\.stages\.(?P<s>\d+)\.downsample\.norm\.(?P<p>weight|bias)',
-     r'stages\.(?P<s1>\d+)\.downsample\.norm\.(?P<p>weight|bias)'),
-    (r'backbone\.stages\.(?P<s>\d+)\.downsample\.projection\.'
-     r'(?P<p>weight|bias)',
-     r'stages\.(?P<s1>\d+)\.downsample\.conv\.(?P<p>weight|bias)'),
-    (r'backbone\.stages\.(?P<s>\d+)\.blocks\.(?P<b>\d+)\.spatial_block\.'
-     r'attn\.w_msa\.(?P<m>qkv|proj)\.(?P<p>weight|bias)',
-     r'stages\.(?P<s>\d+)\.blocks\.(?P<b>\d+)\.0\.attn\.(?P<m>qkv|proj)\.'
-     r'(?P<p>weight|bias)'),
-    (r'backbone\.stages\.(?P<s>\d+)\.blocks\.(?P<b>\d+)\.channel_block\.'
-     r'attn\.(?P<m>qkv|proj)\.(?P<p>weight|bias)',
-     r'stages\.(?P<s>\d+)\.blocks\.(?P<b>\d+)\.1\.attn\.(?P<m>qkv|proj)\.'
-     r'(?P<p>weight|bias)'),
-]
-_BLOCK_PARTS = [('spatial_block', '0'), ('channel_block', '1')]
-_SUBMODULES = [(r'cpe1\.proj', r'cpe1\.proj'), (r'cpe2\.proj', r'cpe2\.proj'),
-               (r'norm1', r'norm1'), (r'norm2', r'norm2'),
-               (r'ffn\.layers\.0\.0', r'mlp\.fc1'),
-               (r'ffn\.layers\.1', r'mlp\.fc2')]
-for _mm_part, _timm_part in _BLOCK_PARTS:
-    for _mm_sub, _timm_sub in _SUBMODULES:
-        _MMPRETRAIN_TIMM.append(
-            (rf'backbone\.stages\.(?P<s>\d+)\.blocks\.(?P<b>\d+)\.{_mm_part}'
-             rf'\.{_mm_sub}\.(?P<p>weight|bias)',
-             rf'stages\.(?P<s>\d+)\.blocks\.(?P<b>\d+)\.{_timm_part}'
-             rf'\.{_timm_sub}\.(?P<p>weight|bias)'))
-_MMPRETRAIN_TIMM += [
-    (r'backbone\.norm(?P<n>\d+)\.(?P<p>weight|bias)',
-     r'head\.norm\.(?P<p>weight|bias)'),
-    (r'head\.fc\.(?P<p>weight|bias)', r'head\.fc\.(?P<p>weight|bias)'),
+__all__ = [
+    'LAYOUTS', 'UnmappedKeysError', 'UnknownLayoutError', 'convert',
+    'detect_layout', 'unwrap_state_dict', 'infer_num_stages',
+    'timm_to_mmpretrain', 'mmpretrain_to_timm', 'official_to_mmpretrain',
+    'mmpretrain_to_official', 'official_to_timm', 'timm_to_official'
 ]
 
+LAYOUTS = ('mmpretrain', 'timm', 'official')
 
-def _fill(pattern: str, groups: Dict[str, str]) -> str:
-    """Write the key that ``pattern`` describes, using matched groups."""
+# What each field of a template may match.
+_FIELD_RE = {
+    's': r'\d+',  # stage index
+    'b': r'\d+',  # block index inside a stage
+    'd': r'\d+',  # stage a downsample feeds (timm/official numbering)
+    'd_1': r'\d+',  # the same minus one (mmpretrain numbering)
+    'last': r'\d+',  # index of the last stage (mmpretrain's output norm)
+    'p': r'weight|bias',
+    'm': r'qkv|proj',
+}
 
-    def group(m: 're.Match') -> str:
-        return groups[m.group(1)]
+# One row per tensor family: (mmpretrain, timm, official) templates.
+_RULES: List[Tuple[str, str, str]] = [
+    ('backbone.patch_embed.projection.{p}', 'stem.conv.{p}',
+     'patch_embeds.0.proj.{p}'),
+    ('backbone.patch_embed.norm.{p}', 'stem.norm.{p}',
+     'patch_embeds.0.norm.{p}'),
+    ('backbone.stages.{d_1}.downsample.norm.{p}',
+     'stages.{d}.downsample.norm.{p}', 'patch_embeds.{d}.norm.{p}'),
+    ('backbone.stages.{d_1}.downsample.projection.{p}',
+     'stages.{d}.downsample.conv.{p}', 'patch_embeds.{d}.proj.{p}'),
+    ('backbone.norm{last}.{p}', 'head.norm.{p}', 'norms.{p}'),
+    ('head.fc.{p}', 'head.fc.{p}', 'head.{p}'),
+]
+# Inside a block: (mmpretrain part, timm/official part) x submodules.
+_BLOCK_SUBMODULES = [
+    # (mmpretrain, timm, official)
+    ('cpe1.proj', 'cpe1.proj', 'cpe.0.proj'),
+    ('cpe2.proj', 'cpe2.proj', 'cpe.1.proj'),
+    ('norm1', 'norm1', 'norm1'),
+    ('norm2', 'norm2', 'norm2'),
+    ('ffn.layers.0.0', 'mlp.fc1', 'mlp.fc1'),
+    ('ffn.layers.1', 'mlp.fc2', 'mlp.fc2'),
+]
+for _mm_part, _idx, _mm_attn in (('spatial_block', '0', 'attn.w_msa'),
+                                 ('channel_block', '1', 'attn')):
+    _mm = f'backbone.stages.{{s}}.blocks.{{b}}.{_mm_part}.'
+    _timm = f'stages.{{s}}.blocks.{{b}}.{_idx}.'
+    _off = f'main_blocks.{{s}}.{{b}}.{_idx}.'
+    _RULES.append((_mm + _mm_attn + '.{m}.{p}', _timm + 'attn.{m}.{p}',
+                   _off + 'attn.{m}.{p}'))
+    for _sub_mm, _sub_timm, _sub_off in _BLOCK_SUBMODULES:
+        _RULES.append((_mm + _sub_mm + '.{p}', _timm + _sub_timm + '.{p}',
+                       _off + _sub_off + '.{p}'))
 
-    key = re.sub(r'\(\?P<(\w+)>[^)]*\)', group, pattern)
-    return key.replace('\\', '')
+# A key that only the layout's own checkpoints have.
+_MARKERS = {
+    'mmpretrain': 'backbone.patch_embed.projection.weight',
+    'timm': 'stem.conv.weight',
+    'official': 'patch_embeds.0.proj.weight',
+}
+# Where each layout numbers its stages.
+_STAGE_RE = {
+    'mmpretrain': r'backbone\.stages\.(\d+)\.',
+    'timm': r'stages\.(\d+)\.',
+    'official': r'main_blocks\.(\d+)\.',
+}
+# Keys under which training scripts wrap a state dict, in order of preference.
+WRAPPER_KEYS = ('state_dict', 'model', 'state_dict_ema', 'model_ema')
+
+
+def _compile(template: str) -> 're.Pattern':
+    parts = re.split(r'\{(\w+)\}', template)
+    regex = ''
+    for i, part in enumerate(parts):
+        regex += re.escape(part) if i % 2 == 0 else \
+            f'(?P<{part}>{_FIELD_RE[part]})'
+    return re.compile(regex)
+
+
+_COMPILED = [tuple(_compile(t) for t in row) for row in _RULES]
 
 
 class UnmappedKeysError(KeyError):
@@ -77,7 +115,7 @@ class UnmappedKeysError(KeyError):
     def __init__(self, src: str, dst: str, keys: List[str]) -> None:
         shown = ', '.join(keys[:20]) + (' ...' if len(keys) > 20 else '')
         super().__init__(
-            f'{len(keys)} key(s) of the {src} state dict have no {dst} '
+            f'{len(keys)} key(s) of the {src} DaViT state dict have no {dst} '
             f'equivalent: {shown}')
         self.keys = keys
 
@@ -85,51 +123,180 @@ class UnmappedKeysError(KeyError):
         return self.args[0]
 
 
-def mmpretrain_to_timm(state_dict: Dict[str, Tensor],
-                       num_stages: int = 4) -> 'OrderedDict[str, Tensor]':
-    """Rename an mmpretrain DaViT classifier state dict to timm's layout.
+class UnknownLayoutError(ValueError):
+    """A state dict is in none of the known DaViT layouts."""
 
-    The output-norm ``backbone.norm{num_stages - 1}`` becomes ``head.norm``.
-    Raises :class:`UnmappedKeysError` listing keys that fit no rule.
+
+def _check_layout(name: str, what: str) -> str:
+    if name not in LAYOUTS:
+        raise ValueError(f'Unknown {what} layout {name!r}; choose one of '
+                         f'{list(LAYOUTS)}.')
+    return name
+
+
+def unwrap_state_dict(checkpoint: Mapping[str, Any],
+                      key: Optional[str] = None) -> Dict[str, Tensor]:
+    """Return the state dict inside a loaded checkpoint.
+
+    A checkpoint is either a plain state dict or a dict holding one under
+    ``key`` (by default the first of ``state_dict``, ``model``,
+    ``state_dict_ema``, ``model_ema`` that is there). A ``module.`` prefix on
+    every key (a model saved from inside ``DistributedDataParallel``) is
+    dropped.
     """
-    return _convert(state_dict, 'mmpretrain', 'timm', num_stages)
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError('A DaViT checkpoint must be a dict (a state dict or '
+                        f'one that holds it); got {type(checkpoint).__name__}.')
+    if key is not None:
+        if key not in checkpoint:
+            raise KeyError(f'The checkpoint has no {key!r} entry; its entries '
+                           f'are {sorted(map(str, checkpoint))[:20]}.')
+        state_dict = checkpoint[key]
+    else:
+        state_dict = checkpoint
+        for name in WRAPPER_KEYS:
+            if isinstance(checkpoint.get(name), Mapping):
+                state_dict = checkpoint[name]
+                break
+    if state_dict and all(k.startswith('module.') for k in state_dict):
+        state_dict = OrderedDict(
+            (k[len('module.'):], v) for k, v in state_dict.items())
+    return state_dict
 
 
-def timm_to_mmpretrain(state_dict: Dict[str, Tensor],
-                       num_stages: int = 4) -> 'OrderedDict[str, Tensor]':
-    """Rename a timm ``DaVit`` state dict to the mmpretrain layout."""
-    return _convert(state_dict, 'timm', 'mmpretrain', num_stages)
+def detect_layout(state_dict: Mapping[str, Tensor]) -> str:
+    """Name the layout (``mmpretrain``, ``timm`` or ``official``) of a DaViT
+    state dict, from the stem's key that each one alone has."""
+    found = [name for name, key in _MARKERS.items() if key in state_dict]
+    if len(found) == 1:
+        return found[0]
+    keys = list(state_dict)
+    shown = ', '.join(keys[:10]) + (' ...' if len(keys) > 10 else '')
+    if not found:
+        raise UnknownLayoutError(
+            'Not a DaViT state dict of a known layout: none of the stem keys '
+            + ', '.join(f'{v!r} ({k})' for k, v in _MARKERS.items()) +
+            f' is there. Its {len(keys)} keys start with: {shown}')
+    raise UnknownLayoutError(
+        f'The state dict mixes DaViT layouts {found}; convert a checkpoint of '
+        'one model at a time.')
 
 
-def _convert(state_dict: Dict[str, Tensor], src: str, dst: str,
-             num_stages: int) -> 'OrderedDict[str, Tensor]':
-    forward = src == 'mmpretrain'
+def infer_num_stages(state_dict: Mapping[str, Tensor], layout: str) -> int:
+    """Number of stages of a DaViT state dict (highest stage index + 1)."""
+    pattern = re.compile(_STAGE_RE[_check_layout(layout, 'source')])
+    stages = [int(m.group(1)) for m in map(pattern.match, state_dict) if m]
+    if not stages:
+        raise UnknownLayoutError(
+            f'No stage of a {layout} DaViT state dict found (no key matches '
+            f'{_STAGE_RE[layout]!r}).')
+    return max(stages) + 1
+
+
+def convert(state_dict: Mapping[str, Tensor],
+            dst: str,
+            src: Optional[str] = None,
+            num_stages: Optional[int] = None) -> 'OrderedDict[str, Tensor]':
+    """Rename a DaViT classifier state dict from layout ``src`` to ``dst``.
+
+    Args:
+        state_dict: The state dict (not a wrapping checkpoint, see
+            :func:`unwrap_state_dict`).
+        dst: ``'mmpretrain'``, ``'timm'`` or ``'official'``.
+        src: Layout of ``state_dict``; detected when None.
+        num_stages: Stages of the model (decides which mmpretrain
+            ``backbone.norm{i}`` is the output norm); inferred when None.
+
+    Raises:
+        UnknownLayoutError: ``src`` is None and cannot be detected.
+        UnmappedKeysError: Keys that fit no rule, all listed.
+    """
+    _check_layout(dst, 'target')
+    src = detect_layout(state_dict) if src is None else _check_layout(
+        src, 'source')
+    if num_stages is None:
+        num_stages = infer_num_stages(state_dict, src)
+    i_src, i_dst = LAYOUTS.index(src), LAYOUTS.index(dst)
     out, unmapped = OrderedDict(), []
     for key, value in state_dict.items():
-        new_key = None
-        for mm_pat, timm_pat in _MMPRETRAIN_TIMM:
-            pat_in, pat_out = (mm_pat, timm_pat) if forward else (timm_pat,
-                                                                   mm_pat)
-            m = re.fullmatch(pat_in, key)
-            if m is None:
-                continue
-            groups = dict(m.groupdict())
-            # Stage of a downsample layer: end of stage s (mmpretrain) is
-            # the start of stage s + 1 (timm).
-            if 's' in groups and 's1' in pat_out:
-                groups['s1'] = str(int(groups['s']) + 1)
-            elif 's1' in groups and '<s>' in pat_out:
-                groups['s'] = str(int(groups['s1']) - 1)
-            if 'n' in groups and int(groups['n']) != num_stages - 1:
-                break  # only the last stage's norm feeds the head
-            if 'n' in pat_out:
-                groups['n'] = str(num_stages - 1)
-            new_key = _fill(pat_out, groups)
-            break
+        new_key = _rename(key, i_src, i_dst, num_stages)
         if new_key is None:
             unmapped.append(key)
+        elif new_key in out:
+            raise ValueError(f'Two keys of the {src} state dict map to '
+                             f'{new_key!r}; is it a DaViT checkpoint?')
         else:
             out[new_key] = value
     if unmapped:
         raise UnmappedKeysError(src, dst, unmapped)
     return out
+
+
+def _rename(key: str, i_src: int, i_dst: int,
+            num_stages: int) -> Optional[str]:
+    for row, compiled in zip(_RULES, _COMPILED):
+        m = compiled[i_src].fullmatch(key)
+        if m is None:
+            continue
+        fields = m.groupdict()
+        if 'last' in fields and int(fields['last']) != num_stages - 1:
+            return None  # a norm of another stage: not the classifier's
+        # Shared values: undo the "minus one" of ``*_1`` fields.
+        shared = {
+            (k[:-2] if k.endswith('_1') else k):
+            (str(int(v) + 1) if k.endswith('_1') else v)
+            for k, v in fields.items()
+        }
+        shared['last'] = str(num_stages - 1)
+        if 'd' in shared:
+            shared['d_1'] = str(int(shared['d']) - 1)
+            if not 1 <= int(shared['d']) < num_stages:
+                return None  # no such downsample layer
+        return row[i_dst].format(**shared)
+    return None
+
+
+def mmpretrain_to_timm(state_dict: Mapping[str, Tensor],
+                       num_stages: Optional[int] = None
+                       ) -> 'OrderedDict[str, Tensor]':
+    """Rename an mmpretrain DaViT classifier state dict to timm's layout.
+
+    The output norm ``backbone.norm{num_stages - 1}`` becomes ``head.norm``.
+    Raises :class:`UnmappedKeysError` listing keys that fit no rule.
+    """
+    return convert(state_dict, 'timm', 'mmpretrain', num_stages)
+
+
+def timm_to_mmpretrain(state_dict: Mapping[str, Tensor],
+                       num_stages: Optional[int] = None
+                       ) -> 'OrderedDict[str, Tensor]':
+    """Rename a timm ``DaVit`` state dict to the mmpretrain layout."""
+    return convert(state_dict, 'mmpretrain', 'timm', num_stages)
+
+
+def official_to_mmpretrain(state_dict: Mapping[str, Tensor],
+                           num_stages: Optional[int] = None
+                           ) -> 'OrderedDict[str, Tensor]':
+    """Rename an official (dingmyu/davit) state dict to mmpretrain's."""
+    return convert(state_dict, 'mmpretrain', 'official', num_stages)
+
+
+def mmpretrain_to_official(state_dict: Mapping[str, Tensor],
+                           num_stages: Optional[int] = None
+                           ) -> 'OrderedDict[str, Tensor]':
+    """Rename an mmpretrain DaViT state dict to the official layout."""
+    return convert(state_dict, 'official', 'mmpretrain', num_stages)
+
+
+def official_to_timm(state_dict: Mapping[str, Tensor],
+                     num_stages: Optional[int] = None
+                     ) -> 'OrderedDict[str, Tensor]':
+    """Rename an official (dingmyu/davit) state dict to timm's layout."""
+    return convert(state_dict, 'timm', 'official', num_stages)
+
+
+def timm_to_official(state_dict: Mapping[str, Tensor],
+                     num_stages: Optional[int] = None
+                     ) -> 'OrderedDict[str, Tensor]':
+    """Rename a timm ``DaVit`` state dict to the official layout."""
+    return convert(state_dict, 'official', 'timm', num_stages)
