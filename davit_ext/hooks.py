@@ -1,0 +1,135 @@
+"""Hooks davit_ext's tools add to every training run.
+
+:class:`RandomStateHook` makes ``--resume`` lose nothing: mmengine saves the
+weights, optimizer, schedulers and message hub, but not the random
+generators, so after a resume drop-path, Mixup/CutMix and random data
+augmentation would draw different numbers than the uninterrupted run did.
+"""
+import random
+from typing import Any, List, Optional
+
+import numpy as np
+import torch
+from mmengine.dist import all_gather_object, get_dist_info
+from mmengine.hooks import CheckpointHook, Hook
+
+from davit_ext.registry import HOOKS
+
+#: Key of the saved states in a checkpoint (a list with one entry per rank).
+CHECKPOINT_KEY = 'random_states'
+
+
+def get_random_states() -> dict:
+    """The states of Python's, numpy's and torch's global generators."""
+    states = dict(
+        python=random.getstate(),
+        numpy=np.random.get_state(),
+        torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        states['cuda'] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_random_states(states: dict) -> None:
+    """Restore what :func:`get_random_states` returned."""
+    random.setstate(_as_tuple(states['python']))
+    np.random.set_state(tuple(states['numpy']))
+    torch.set_rng_state(states['torch'])
+    if 'cuda' in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states['cuda'])
+
+
+def _as_tuple(value: Any) -> Any:
+    """``random.setstate`` wants tuples all the way down."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuple(v) for v in value)
+    return value
+
+
+@HOOKS.register_module()
+class RandomStateHook(Hook):
+    """Save the random generators in checkpoints, restore them on resume.
+
+    - When the :class:`~mmengine.hooks.CheckpointHook` is about to save (end
+      of an epoch or iteration), the states of every rank are gathered and
+      written to the checkpoint under ``'random_states'``.
+    - On resume they are restored before training continues, each rank its
+      own, so a resumed run is identical to an uninterrupted one (with
+      ``randomness=dict(seed=..., deterministic=True)``, data loading in the
+      main process and an epoch-based loop; mmengine's iteration-based loop
+      re-reads the skipped batches, which may draw augmentation randomness).
+    - Validation during training runs on a saved copy of the states, so
+      whether or how often one validates does not change training.
+
+    Runs at ``NORMAL`` priority: before the CheckpointHook (``VERY_LOW``).
+    """
+    priority = 'NORMAL'
+
+    def __init__(self) -> None:
+        self._pending: Optional[List[dict]] = None
+        self._to_restore: Optional[List[dict]] = None
+        self._before_val: Optional[dict] = None
+
+    # ---------------------------------------------------------- saving
+    def _checkpoint_hook(self, runner) -> Optional[CheckpointHook]:
+        for hook in runner.hooks:
+            if isinstance(hook, CheckpointHook):
+                return hook
+        return None
+
+    def _capture(self) -> None:
+        states = get_random_states()
+        _, world_size = get_dist_info()
+        self._pending = all_gather_object(states) \
+            if world_size > 1 else [states]
+
+    def after_train_epoch(self, runner) -> None:
+        ckpt = self._checkpoint_hook(runner)
+        if ckpt is None or not ckpt.by_epoch:
+            return
+        if ckpt.every_n_epochs(runner, ckpt.interval, ckpt.save_begin) or (
+                ckpt.save_last and ckpt.is_last_train_epoch(runner)):
+            self._capture()
+
+    def after_train_iter(self,
+                         runner,
+                         batch_idx: int,
+                         data_batch: Any = None,
+                         outputs: Any = None) -> None:
+        ckpt = self._checkpoint_hook(runner)
+        if ckpt is None or ckpt.by_epoch:
+            return
+        if ckpt.every_n_train_iters(runner, ckpt.interval,
+                                    ckpt.save_begin) or (
+                                        ckpt.save_last
+                                        and ckpt.is_last_train_iter(runner)):
+            self._capture()
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        if self._pending is not None:
+            checkpoint[CHECKPOINT_KEY] = self._pending
+
+    # ---------------------------------------------------------- resuming
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        self._to_restore = checkpoint.get(CHECKPOINT_KEY)
+
+    def before_train(self, runner) -> None:
+        states, self._to_restore = self._to_restore, None
+        if not states or (runner.iter == 0 and runner.epoch == 0):
+            return  # not a resume (or an old checkpoint without states)
+        rank, world_size = get_dist_info()
+        if len(states) != world_size:
+            runner.logger.warning(
+                f'The checkpoint holds random states of {len(states)} '
+                f'rank(s), this run has {world_size}: random draws will '
+                f'differ from the original run after resuming.')
+        set_random_states(states[rank % len(states)])
+
+    # ---------------------------------------------------------- validation
+    def before_val(self, runner) -> None:
+        self._before_val = get_random_states()
+
+    def after_val(self, runner) -> None:
+        if self._before_val is not None:
+            set_random_states(self._before_val)
+            self._before_val = None

@@ -1,0 +1,162 @@
+"""Checks davit_ext's tools run before any work is done or any file written.
+
+Each problem raises one exception whose message says what is wrong, where,
+and what to do; the tools print it alone (no traceback) and exit with
+status 2. :data:`USER_ERRORS` lists the exception types concerned.
+"""
+import gc
+import os.path as osp
+from typing import Any, Iterator, Optional, Sequence, Tuple
+
+from davit_ext.checkpoint import (CheckpointError, check_state_dict_fits,
+                                  load_checkpoint_file)
+from davit_ext.runtime import LauncherError
+
+__all__ = [
+    'ConfigError', 'DatasetNotFoundError', 'USER_ERRORS', 'check_datasets',
+    'check_checkpoint', 'check_config_path', 'run_tool',
+    'DATASET_PREPARE_URL'
+]
+
+DATASET_PREPARE_URL = ('https://mmpretrain.readthedocs.io/en/latest/'
+                       'user_guides/dataset_prepare.html')
+
+
+class ConfigError(ValueError):
+    """The config or a command-line option cannot work as given."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's root, annotation file or image folder does not exist."""
+
+
+USER_ERRORS: Tuple[type, ...] = (CheckpointError, LauncherError,
+                                 DatasetNotFoundError, ConfigError)
+
+
+def _datasets(cfg: Any, where: str) -> Iterator[Tuple[Any, str]]:
+    """Leaf dataset configs, through wrappers (Repeat/Concat/ClassBalanced)."""
+    if 'datasets' in cfg:
+        for i, sub in enumerate(cfg['datasets']):
+            yield from _datasets(sub, f'{where}.datasets[{i}]')
+    elif 'dataset' in cfg and isinstance(cfg['dataset'], dict):
+        yield from _datasets(cfg['dataset'], f'{where}.dataset')
+    else:
+        yield cfg, where
+
+
+def _join(root: str, path: str) -> str:
+    return path if not root or osp.isabs(path) else osp.join(root, path)
+
+
+def _missing(kind: str, path: str, ds: Any, where: str, option: str) -> str:
+    layout = _layout_hint(ds)
+    return (f'{where}: {kind} {path!r} does not exist (resolved to '
+            f'{osp.abspath(path)!r}). Prepare the dataset as in mmpretrain\'s '
+            f'dataset preparation guide ({DATASET_PREPARE_URL}){layout}, or '
+            f'point the config at it with --cfg-options {option}=PATH.')
+
+
+def _layout_hint(ds: Any) -> str:
+    kind = str(ds.get('type', ''))
+    if kind.endswith('ImageNet'):
+        return (', i.e. DATA_ROOT/train/<wnid>/*.JPEG and '
+                'DATA_ROOT/val/<wnid>/*.JPEG (or meta/{train,val}.txt)')
+    if kind.endswith('CustomDataset'):
+        return (', i.e. DATA_ROOT/<data_prefix>/<class name>/<image> '
+                '(or an ann_file listing "path label" lines)')
+    return ''
+
+
+def check_datasets(cfg: Any, loaders: Sequence[str]) -> None:
+    """Raise :class:`DatasetNotFoundError` if a dataset's files are absent.
+
+    Checks, for each ``cfg[loader].dataset`` (through dataset wrappers):
+    ``data_root``; ``ann_file`` and ``data_prefix`` (a string or the
+    ``img_path`` of a dict), relative to ``data_root``; and for datasets
+    given as ``split=...`` (ImageNet), the split's image folder.
+    """
+    for loader in loaders:
+        loader_cfg = cfg.get(loader)
+        if not loader_cfg or 'dataset' not in loader_cfg:
+            continue
+        for ds, where in _datasets(loader_cfg['dataset'],
+                                   f'{loader}.dataset'):
+            root = ds.get('data_root') or ''
+            if root and not osp.isdir(root):
+                raise DatasetNotFoundError(
+                    _missing('data root', root, ds, where,
+                             f'{where}.data_root'))
+            ann = ds.get('ann_file') or ''
+            if ann and not osp.isfile(_join(root, ann)):
+                raise DatasetNotFoundError(
+                    _missing('annotation file', _join(root, ann), ds, where,
+                             f'{where}.ann_file'))
+            prefix = ds.get('data_prefix') or ''
+            if isinstance(prefix, dict):
+                prefix = prefix.get('img_path') or prefix.get('img') or ''
+            if not prefix and ds.get('split') and not ann:
+                prefix = ds['split']
+            if prefix and not osp.isdir(_join(root, prefix)):
+                raise DatasetNotFoundError(
+                    _missing('image folder', _join(root, prefix), ds, where,
+                             f'{where}.data_root'))
+
+
+def check_checkpoint(cfg: Any,
+                     checkpoint: str,
+                     strict: bool = True) -> None:
+    """Load ``checkpoint`` (path or URL) safely and check it fits the
+    model of ``cfg``: same keys and shapes when ``strict`` (resume, test),
+    compatible shapes and some shared keys otherwise (fine-tuning).
+
+    Raises a :class:`~davit_ext.checkpoint.CheckpointError` subclass.
+    """
+    from mmengine.registry import MODELS, init_default_scope
+
+    ckpt = load_checkpoint_file(checkpoint, map_location='cpu')
+    init_default_scope(cfg.get('default_scope', 'davit_ext'))
+    model_cfg = cfg.model.copy()
+    if cfg.get('data_preprocessor') is not None:
+        model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
+    model = MODELS.build(model_cfg)
+    try:
+        check_state_dict_fits(
+            model,
+            ckpt,
+            checkpoint,
+            strict=strict,
+            model_name=f'the model of {_config_name(cfg)}')
+    finally:
+        del model, ckpt
+        gc.collect()
+
+
+def _config_name(cfg: Any) -> str:
+    name: Optional[str] = getattr(cfg, 'filename', None)
+    return osp.basename(name) if name else 'the config'
+
+
+def check_config_path(path: str) -> str:
+    """Return ``path`` if it is a config file, else raise ConfigError."""
+    if not osp.isfile(path):
+        raise ConfigError(
+            f'config file {path!r} does not exist (resolved to '
+            f'{osp.abspath(path)!r}). Configs live under configs/, e.g. '
+            f'configs/davit/davit-tiny_4xb256_in1k.py.')
+    return path
+
+
+def run_tool(main: Any) -> Any:
+    """Call ``main()``; a :data:`USER_ERRORS` exception becomes one line on
+    stderr (printed by rank 0 only in distributed runs) and exit status 2.
+    """
+    import sys
+
+    from davit_ext.runtime import process_rank
+    try:
+        return main()
+    except USER_ERRORS as err:
+        if process_rank() == 0:
+            print(f'error: {err}', file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

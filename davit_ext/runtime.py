@@ -1,0 +1,137 @@
+"""Device and distributed set-up for davit_ext's tools, with or without GPU.
+
+mmengine assumes a GPU once a launcher is used: ``init_dist`` calls
+``torch.cuda.set_device`` for every launcher and the runner wraps the model
+in DDP with CUDA ``device_ids``, whatever ``env_cfg.dist_cfg.backend`` says.
+On a machine without CUDA, :func:`adapt_config_to_device` switches a config
+to the ``gloo`` backend and a CPU DDP wrapper, and :func:`init_distributed`
+starts the process group itself (the runner then sees it and does not call
+``init_dist``). On a machine with CUDA both leave everything to mmengine.
+"""
+import datetime
+import os
+import subprocess
+from typing import Dict, List
+
+import torch
+import torch.distributed as torch_dist
+
+__all__ = [
+    'LauncherError', 'has_cuda', 'adapt_config_to_device', 'init_distributed',
+    'process_rank'
+]
+
+#: Model wrappers that take DDP's ``device_ids`` argument.
+_DDP_WRAPPERS = ('MMDistributedDataParallel', 'DistributedDataParallel',
+                 'mmengine.MMDistributedDataParallel')
+
+
+class LauncherError(RuntimeError):
+    """The launcher's environment is missing; says how to start the job."""
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def process_rank() -> int:
+    """This process's global rank from the launcher's environment (0 if
+    none); usable before the process group exists."""
+    for var in ('RANK', 'SLURM_PROCID', 'OMPI_COMM_WORLD_RANK'):
+        if os.environ.get(var, '').isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def adapt_config_to_device(cfg) -> List[str]:
+    """Make ``cfg`` run on this machine; returns what was changed.
+
+    Without CUDA: ``env_cfg.dist_cfg.backend`` becomes ``gloo`` (unless it
+    already names a CPU backend), distributed runs get a DDP wrapper without
+    ``device_ids``, and dataloaders stop pinning memory (nothing to pin for).
+    With CUDA nothing changes.
+    """
+    if has_cuda():
+        return []
+    notes = []
+    env_cfg = cfg.setdefault('env_cfg', {})
+    dist_cfg = env_cfg.setdefault('dist_cfg', {})
+    if dist_cfg.get('backend', 'nccl') not in ('gloo', 'mpi'):
+        notes.append(f"env_cfg.dist_cfg.backend: "
+                     f"{dist_cfg.get('backend', 'nccl')!r} -> 'gloo'")
+        dist_cfg['backend'] = 'gloo'
+    if cfg.get('launcher', 'none') != 'none':
+        wrapper = cfg.get('model_wrapper_cfg')
+        if wrapper is None:
+            wrapper = dict(
+                type='MMDistributedDataParallel',
+                broadcast_buffers=False,
+                find_unused_parameters=cfg.get('find_unused_parameters',
+                                               False))
+        if wrapper.get('type', 'MMDistributedDataParallel') in _DDP_WRAPPERS:
+            wrapper['device_ids'] = None
+            notes.append('model_wrapper_cfg.device_ids: None (CPU DDP)')
+        cfg.model_wrapper_cfg = wrapper
+    for key in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        loader = cfg.get(key)
+        if loader and loader.get('pin_memory'):
+            loader['pin_memory'] = False
+    return notes
+
+
+def _require(names: List[str], how: str) -> Dict[str, str]:
+    missing = [n for n in names if n not in os.environ]
+    if missing:
+        raise LauncherError(
+            f'the launcher environment is incomplete: {", ".join(missing)} '
+            f'not set. {how}')
+    return {n: os.environ[n] for n in names}
+
+
+def init_distributed(launcher: str, dist_cfg: dict) -> None:
+    """Start the process group on a CPU-only machine (no-op otherwise).
+
+    Same environment contract as mmengine's ``init_dist``:
+
+    - ``pytorch``: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+      ``MASTER_PORT`` (torchrun sets them; see tools/dist_train.sh);
+    - ``slurm``: ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_NODELIST`` (srun
+      sets them); ``MASTER_PORT`` defaults to 29500, ``MASTER_ADDR`` to the
+      first node of the job;
+    - ``mpi``: ``OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK}`` and ``MASTER_ADDR``.
+    """
+    if launcher == 'none' or has_cuda() or torch_dist.is_initialized():
+        return
+    kwargs = {}
+    if dist_cfg.get('timeout') is not None:
+        kwargs['timeout'] = datetime.timedelta(seconds=dist_cfg['timeout'])
+    backend = dist_cfg.get('backend', 'gloo')
+    if launcher == 'pytorch':
+        _require(['RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR',
+                  'MASTER_PORT'],
+                 'Start distributed jobs with torchrun, e.g. '
+                 'bash tools/dist_train.sh CONFIG NUM_PROCESSES.')
+    elif launcher == 'slurm':
+        env = _require(['SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NODELIST'],
+                       'Start slurm jobs with srun, e.g. '
+                       'bash tools/slurm_train.sh PARTITION JOB CONFIG.')
+        os.environ.setdefault('MASTER_PORT', '29500')
+        if 'MASTER_ADDR' not in os.environ:
+            os.environ['MASTER_ADDR'] = subprocess.getoutput(
+                f'scontrol show hostname {env["SLURM_NODELIST"]} | head -n1')
+        os.environ['WORLD_SIZE'] = env['SLURM_NTASKS']
+        os.environ['RANK'] = env['SLURM_PROCID']
+        os.environ['LOCAL_RANK'] = os.environ.get('SLURM_LOCALID', '0')
+    elif launcher == 'mpi':
+        env = _require([
+            'OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_SIZE',
+            'OMPI_COMM_WORLD_LOCAL_RANK', 'MASTER_ADDR'
+        ], 'Start MPI jobs with mpirun and export MASTER_ADDR.')
+        os.environ.setdefault('MASTER_PORT', '29500')
+        os.environ['WORLD_SIZE'] = env['OMPI_COMM_WORLD_SIZE']
+        os.environ['RANK'] = env['OMPI_COMM_WORLD_RANK']
+        os.environ['LOCAL_RANK'] = env['OMPI_COMM_WORLD_LOCAL_RANK']
+    else:
+        raise LauncherError(f'unknown launcher {launcher!r}: use one of '
+                            f'none, pytorch, slurm, mpi.')
+    torch_dist.init_process_group(backend=backend, **kwargs)

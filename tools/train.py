@@ -1,0 +1,208 @@
+"""Train a model with an mmengine config (mmpretrain's command line).
+
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [CHECKPOINT]]
+        [--amp] [--no-validate] [--auto-scale-lr] [--cfg-options K=V ...]
+        [--launcher none|pytorch|slurm|mpi]
+
+davit_ext additions, all automatic:
+- checkpoints (``--resume``, ``load_from``) are read with weights_only=True
+  and an allowlist (davit_ext.checkpoint); URLs are checked against the
+  sha256 in their name;
+- without CUDA the run uses the gloo backend and CPU DDP (davit_ext.runtime);
+- missing data, a missing/damaged/mismatched checkpoint, or an impossible
+  option stop the run with one message before anything is written
+  (davit_ext.preflight);
+- the random generators are saved with every checkpoint and restored on
+  resume (davit_ext.hooks.RandomStateHook).
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+from copy import deepcopy
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    from mmengine.config import DictAction
+
+    parser = argparse.ArgumentParser(description='Train a model')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--work-dir', help='the dir to save logs and models')
+    parser.add_argument(
+        '--resume',
+        nargs='?',
+        type=str,
+        const='auto',
+        help='resume from this checkpoint (path or URL); without a value, '
+        'from the latest checkpoint in the work directory')
+    parser.add_argument(
+        '--amp',
+        action='store_true',
+        help='automatic mixed precision training (needs a GPU)')
+    parser.add_argument(
+        '--no-validate',
+        action='store_true',
+        help='do not evaluate checkpoints during training')
+    parser.add_argument(
+        '--auto-scale-lr',
+        action='store_true',
+        help='scale the learning rate by the real total batch size over '
+        'auto_scale_lr.base_batch_size')
+    parser.add_argument(
+        '--no-pin-memory',
+        action='store_true',
+        help='disable pin_memory in the dataloaders')
+    parser.add_argument(
+        '--no-persistent-workers',
+        action='store_true',
+        help='disable persistent_workers in the dataloaders')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override config settings, key=value pairs, e.g. '
+        'train_cfg.max_epochs=10 or model.backbone.arch=s; lists as '
+        'key="[a,b]" (quotes needed, no white space)')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    # torch.distributed.launch passes --local-rank (torchrun sets LOCAL_RANK)
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def merge_args(cfg, args):
+    """Apply the command line to the config (the CLI wins)."""
+    from mmengine.config import ConfigDict
+
+    from davit_ext.preflight import ConfigError
+
+    if args.no_validate:
+        cfg.val_cfg = None
+        cfg.val_dataloader = None
+        cfg.val_evaluator = None
+
+    cfg.launcher = args.launcher
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+
+    if args.amp:
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                '--amp needs a GPU (mmengine\'s AmpOptimWrapper runs on CUDA '
+                'devices only) and none is available: drop --amp to train in '
+                'fp32 on the CPU.')
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+
+    if args.resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif args.resume is not None:
+        cfg.resume = True
+        cfg.load_from = args.resume
+
+    if args.auto_scale_lr:
+        if not cfg.get('auto_scale_lr'):
+            raise ConfigError(
+                f'--auto-scale-lr needs auto_scale_lr=dict(base_batch_size=N)'
+                f' in the config {args.config}: add it, with N the total '
+                f'batch size its learning rate was set for.')
+        cfg.auto_scale_lr.enable = True
+
+    defaults = ConfigDict(
+        pin_memory=True,
+        persistent_workers=True,
+        collate_fn=dict(type='default_collate'))
+    for field in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        if cfg.get(field, None) is None:
+            continue
+        loader = deepcopy(defaults)
+        loader.update(cfg[field])
+        if loader.get('num_workers', 0) == 0:
+            loader['persistent_workers'] = False  # torch refuses it
+        if args.no_pin_memory:
+            loader['pin_memory'] = False
+        if args.no_persistent_workers:
+            loader['persistent_workers'] = False
+        cfg[field] = loader
+
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+
+    # Saves/restores the random generators so that resuming is exact.
+    hooks = list(cfg.get('custom_hooks', None) or [])
+    if not any(str(h.get('type', '')).endswith('RandomStateHook')
+               for h in hooks):
+        hooks.append(dict(type='davit_ext.RandomStateHook'))
+    cfg.custom_hooks = hooks
+    return cfg
+
+
+def preflight(cfg, args):
+    """Everything that can be checked before the runner touches the disk."""
+    from mmengine.runner import find_latest_checkpoint
+
+    from davit_ext.preflight import check_checkpoint, check_datasets
+
+    loaders = ['train_dataloader']
+    if cfg.get('val_cfg') is not None and cfg.get('val_dataloader'):
+        loaders.append('val_dataloader')
+    check_datasets(cfg, loaders)
+
+    if cfg.get('resume') and cfg.get('load_from'):
+        check_checkpoint(cfg, cfg.load_from, strict=True)
+    elif cfg.get('resume'):
+        latest = find_latest_checkpoint(cfg.work_dir) \
+            if osp.isdir(cfg.work_dir) else None
+        if latest is not None:
+            check_checkpoint(cfg, latest, strict=True)
+    elif cfg.get('load_from'):
+        # Fine-tuning may replace the head: shared keys must fit.
+        check_checkpoint(cfg, cfg.load_from, strict=False)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    from davit_ext.preflight import run_tool
+    run_tool(lambda: _train(args))
+
+
+def _train(args):
+    from mmengine.config import Config
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+
+    import davit_ext  # noqa: F401  (registers our modules and mmpretrain's)
+    import davit_ext.hooks  # noqa: F401
+    from davit_ext import checkpoint, runtime
+    from davit_ext.preflight import check_config_path
+
+    checkpoint.install()
+    cfg = Config.fromfile(check_config_path(args.config))
+    cfg = merge_args(cfg, args)
+    runtime.adapt_config_to_device(cfg)
+    preflight(cfg, args)
+    runtime.init_distributed(cfg.launcher, cfg.env_cfg.get('dist_cfg', {}))
+
+    if 'runner_type' not in cfg:
+        runner = Runner.from_cfg(cfg)
+    else:
+        runner = RUNNERS.build(cfg)
+    runner.train()
+
+
+if __name__ == '__main__':
+    main()
