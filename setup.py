@@ -65,13 +65,23 @@ class BuildWithMim(build_py):
 
 
 def link_mim_for_develop():
-    """Editable installs: point davit_ext/.mim/* at the source folders."""
+    """Editable installs: point davit_ext/.mim/* at the source folders.
+
+    Links are made for every entry of MIM_FILES, even one that does not exist
+    yet, so files added after the install are found too (davit_ext.hub also
+    falls back to the source tree). A copied folder left by an earlier
+    non-editable build is replaced by a link.
+    """
     mim = osp.join(HERE, 'davit_ext', '.mim')
     os.makedirs(mim, exist_ok=True)
     for name in MIM_FILES:
         src, dst = osp.join(HERE, name), osp.join(mim, name)
-        if not osp.exists(src) or osp.lexists(dst):
+        if osp.islink(dst):
             continue
+        if osp.isdir(dst):
+            shutil.rmtree(dst)
+        elif osp.lexists(dst):
+            os.remove(dst)
         os.symlink(osp.relpath(src, mim), dst)
 
 

@@ -12,6 +12,7 @@ _register_mmpretrain(init_default_scope=False)
 
 from . import models  # noqa: E402,F401  (registers DaViT)
 from .analysis import register_flop_handles  # noqa: E402
+from . import hub  # noqa: E402,F401  (mmpretrain's model hub serves ours)
 from .registry import MODELS  # noqa: E402,F401
 
 register_flop_handles()

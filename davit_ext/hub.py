@@ -1,0 +1,158 @@
+"""Serve davit_ext's DaViT models through mmpretrain's model hub.
+
+After ``import davit_ext``, mmpretrain's ``get_model``, ``inference_model``,
+``list_models`` and ``ModelHub.get`` resolve
+
+- ``davit-{tiny,small,base}_3rdparty_in1k`` (names mmpretrain also has) and
+- ``davit-{tiny,small,base}_3rdparty_in1k-official`` (ours only)
+
+to our metafile and configs, whose classifiers are built in the ``davit_ext``
+scope, i.e. with our ``DaViT`` backbone. Every other name stays mmpretrain's.
+
+How: mmpretrain reads its own model index lazily, on the first ``get`` or
+``list_models``, and refuses names that are already registered. We therefore
+never register before it: :func:`install` wraps that lazy step so that our
+entries are added right after mmpretrain's (replacing its DaViT entries),
+whichever of ``import mmpretrain`` / ``import davit_ext`` / ``list_models()``
+ran first. ``ModelHub.get`` is wrapped too, to mark our configs' model with
+``_scope_='davit_ext'``: ``get_model`` builds under the ``mmpretrain`` scope,
+where ``type='DaViT'`` would be mmpretrain's backbone.
+
+The model index and configs are package data: ``davit_ext/.mim`` in a wheel
+(see setup.py), or the source tree of an editable install.
+"""
+import os.path as osp
+from typing import Dict, List, Optional
+
+from mmengine.config import Config
+from mmpretrain.apis.model import ModelHub
+
+__all__ = [
+    'SCOPE', 'install', 'mim_root', 'model_names', 'is_davit_ext_model',
+    'load_config'
+]
+
+SCOPE = 'davit_ext'
+PACKAGE_DIR = osp.dirname(osp.abspath(__file__))
+MODEL_INDEX = 'model-index.yml'
+
+# Our metainfo by lower-case name, filled on first use.
+_models: Optional[Dict[str, object]] = None
+_added = False
+# Why our model index could not be read (a broken install), if so.
+_load_error: Optional[Exception] = None
+
+
+def mim_root() -> str:
+    """The folder holding ``model-index.yml`` and ``configs/``.
+
+    ``davit_ext/.mim`` of an installed wheel (or of an editable install whose
+    links are in place), else the source tree above the package.
+    """
+    candidates = [osp.join(PACKAGE_DIR, '.mim'), osp.dirname(PACKAGE_DIR)]
+    for root in candidates:
+        if osp.isfile(osp.join(root, MODEL_INDEX)) and \
+                osp.isdir(osp.join(root, 'configs')):
+            return root
+    raise FileNotFoundError(
+        f'davit_ext cannot find its {MODEL_INDEX} and configs/ (looked in '
+        f'{" and ".join(candidates)}). The package was installed without its '
+        'data: reinstall it with "pip install davit_ext-*.whl" or, from a '
+        'source checkout, "pip install -e .".')
+
+
+def _load_models() -> Dict[str, object]:
+    """Parse our model index; config paths become absolute."""
+    global _models
+    if _models is None:
+        from modelindex.load_model_index import load
+        root = mim_root()
+        index = load(osp.join(root, MODEL_INDEX))
+        index.build_models_with_collections()
+        models = {}
+        for metainfo in index.models:
+            if metainfo.config is not None and not osp.isabs(
+                    metainfo.config):
+                metainfo.config = osp.join(root, metainfo.config)
+            models[metainfo.name.lower()] = metainfo
+        _models = models
+    return _models
+
+
+def model_names() -> List[str]:
+    """Names of the models davit_ext serves, sorted."""
+    return sorted(_load_models())
+
+
+def is_davit_ext_model(name: str) -> bool:
+    """Whether ``name`` (any case) is one of davit_ext's models."""
+    return name.lower() in _load_models()
+
+
+def _add_ours() -> None:
+    """Put our entries into ``ModelHub`` (after mmpretrain's are there)."""
+    global _added, _load_error
+    if _added:
+        return
+    _added = True
+    try:
+        models = _load_models()
+    except FileNotFoundError as e:
+        # Leave mmpretrain's hub working; our names raise this in ``get``.
+        _load_error = e
+        return
+    for name, metainfo in models.items():
+        # Replaces mmpretrain's entry of the same name, if any: mmpretrain
+        # only checks for conflicts when it registers an index, which it has
+        # done by now and does once.
+        ModelHub._models_dict[name] = metainfo
+
+
+def _scoped(config: Config) -> Config:
+    """Build ``config.model`` in the config's scope (ours by default)."""
+    model = config.get('model')
+    if model is not None and '_scope_' not in model:
+        model['_scope_'] = config.get('default_scope', SCOPE)
+    return config
+
+
+def load_config(path: str) -> Config:
+    """``Config.fromfile(path)`` with the model marked for its own scope.
+
+    Use it to hand one of our config files to ``get_model``, which builds
+    under the ``mmpretrain`` scope otherwise.
+    """
+    return _scoped(Config.fromfile(path))
+
+
+def install() -> None:
+    """Hook our models into mmpretrain's ``ModelHub``. Idempotent."""
+    register = ModelHub.__dict__['_register_mmpretrain_models'].__func__
+    if getattr(register, '_davit_ext', False):
+        return
+    get = ModelHub.__dict__['get'].__func__
+
+    def _register_mmpretrain_models(cls):
+        register(cls)  # mmpretrain's own index, once
+        _add_ours()
+
+    def get_with_scope(cls, model_name):
+        cls._register_mmpretrain_models()
+        if _load_error is not None and \
+                model_name.lower().startswith('davit'):
+            raise _load_error
+        metainfo = get(cls, model_name)
+        if _load_error is None and is_davit_ext_model(model_name) and \
+                isinstance(metainfo.config, Config):
+            _scoped(metainfo.config)
+        return metainfo
+
+    _register_mmpretrain_models._davit_ext = True
+    _register_mmpretrain_models.__doc__ = register.__doc__
+    get_with_scope.__doc__ = get.__doc__
+    ModelHub._register_mmpretrain_models = classmethod(
+        _register_mmpretrain_models)
+    ModelHub.get = classmethod(get_with_scope)
+
+
+install()

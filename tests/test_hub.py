@@ -1,0 +1,287 @@
+"""Model hub and inference by name: mmpretrain's API serves our DaViT."""
+import hashlib
+import http.server
+import json
+import math
+import os
+import os.path as osp
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+
+import davit_ext
+from davit_ext import hub
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+NAMES = [
+    f'davit-{a}_3rdparty_in1k{s}' for a in ('base', 'small', 'tiny')
+    for s in ('', '-official')
+]
+WEIGHTS = {
+    'tiny': 'https://download.openmmlab.com/mmclassification/v0/davit/'
+    'davit-tiny_3rdparty_in1k_20221116-700fdf7d.pth',
+    'small': 'https://download.openmmlab.com/mmclassification/v0/davit/'
+    'davit-small_3rdparty_in1k_20221116-51a849a6.pth',
+    'base': 'https://download.openmmlab.com/mmclassification/v0/davit/'
+    'davit-base_3rdparty_in1k_20221116-19e0d956.pth',
+}
+PARAMS = {'tiny': 28360168, 'small': 49745896, 'base': 87954408}
+# A checkpoint whose head always answers class 207 ("golden retriever")
+# with logit 10 against 0 for the 999 others.
+GOLDEN = 207
+GOLDEN_SCORE = math.exp(10) / (math.exp(10) + 999)
+
+
+def run_python(code, cwd, env=None, timeout=300):
+    """Run ``code`` in a fresh interpreter; return its last stdout line."""
+    full_env = dict(os.environ, **(env or {}))
+    proc = subprocess.run([sys.executable, '-c', textwrap.dedent(code)],
+                          cwd=cwd,
+                          env=full_env,
+                          capture_output=True,
+                          text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+IMPORT_ORDERS = {
+    # mmpretrain's hub already read its own index before we came.
+    'mmpretrain-listed-first': '''
+        import mmpretrain
+        mmpretrain.list_models()
+        import davit_ext
+    ''',
+    'mmpretrain-first': '''
+        import mmpretrain
+        import davit_ext
+    ''',
+    'davit_ext-first': '''
+        import davit_ext
+        import mmpretrain
+    ''',
+}
+
+
+@pytest.mark.parametrize('order', list(IMPORT_ORDERS))
+def test_names_resolve_to_davit_ext_whatever_the_import_order(order,
+                                                             tmp_path):
+    code = IMPORT_ORDERS[order] + '''
+        import json
+        import torch
+        from mmpretrain import get_model, list_models
+        tiny = get_model('davit-tiny_3rdparty_in1k')
+        official = get_model('davit-tiny_3rdparty_in1k-official')
+        resnet = get_model('resnet18_8xb32_in1k')
+        print(json.dumps(dict(
+            tiny=type(tiny.backbone).__module__ + '.' +
+            type(tiny.backbone).__name__,
+            tiny_official=tiny.backbone.official,
+            official=official.backbone.official,
+            official_neck=official.with_neck,
+            resnet=type(resnet.backbone).__module__,
+            davit=list_models('davit'),
+            swin=len(list_models('swin-tiny')))))
+    '''
+    out = json.loads(run_python(code, cwd=str(tmp_path)))
+    assert out == dict(
+        tiny='davit_ext.models.davit.DaViT',
+        tiny_official=False,
+        official=True,
+        official_neck=False,
+        resnet='mmpretrain.models.backbones.resnet',
+        davit=sorted(NAMES),
+        swin=out['swin'])
+    assert out['swin'] >= 1  # other mmpretrain names are still there
+
+
+def test_metainfo_comes_from_our_metafile():
+    from mmpretrain import list_models
+    from mmpretrain.apis import ModelHub
+    assert list_models('davit') == sorted(NAMES)
+    assert hub.model_names() == sorted(NAMES)
+    root = hub.mim_root()
+    for name in NAMES:
+        arch = name.split('-')[1].split('_')[0]
+        meta = ModelHub.get(name)
+        expected_cfg = osp.join(root, 'configs', 'davit',
+                                f'davit-{arch}_4xb256_in1k'
+                                f'{"-official" if "official" in name else ""}'
+                                '.py')
+        assert meta.config.filename == expected_cfg
+        assert meta.weights == WEIGHTS[arch]
+        assert meta.config.model['_scope_'] == 'davit_ext'
+        assert meta.results[0].task == 'Image Classification'
+    # mmpretrain's other entries are its own.
+    assert 'mmpretrain' in ModelHub.get('resnet18_8xb32_in1k').config.filename
+
+
+def test_unknown_name_is_mmpretrains_clear_error():
+    from mmpretrain import get_model
+    with pytest.raises(ValueError, match='Failed to find model "davit-x"'):
+        get_model('davit-x')
+
+
+@pytest.mark.parametrize('arch', ['tiny', 'small', 'base'])
+def test_both_modes_have_the_published_state_dict(arch):
+    """Same keys and shapes as mmpretrain's own DaViT classifier (the layout
+    of the published checkpoints), in both modes."""
+    from mmpretrain import get_model
+    mm_cfg = osp.join(
+        osp.dirname(__import__('mmpretrain').__file__), '.mim', 'configs',
+        'davit', f'davit-{arch}_4xb256_in1k.py')
+    reference = get_model(mm_cfg)  # mmpretrain's scope: its DaViT
+    standard = get_model(f'davit-{arch}_3rdparty_in1k')
+    official = get_model(f'davit-{arch}_3rdparty_in1k-official')
+    assert type(reference.backbone).__module__.startswith('mmpretrain.')
+    state = reference.state_dict()
+    for model in (standard, official):
+        assert type(model.backbone) is davit_ext.models.davit.DaViT
+        model.load_state_dict(state, strict=True)
+        assert sum(p.numel() for p in model.parameters()) == PARAMS[arch]
+
+
+def test_official_name_gives_timms_logits_standard_name_does_not():
+    timm = pytest.importorskip('timm')
+    from mmpretrain import get_model
+
+    from davit_ext.converters import timm_to_mmpretrain
+    torch.manual_seed(0)
+    ref = timm.create_model('davit_tiny').eval()
+    state = timm_to_mmpretrain(ref.state_dict())
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected = ref(x)
+        logits = {}
+        for suffix in ('', '-official'):
+            model = get_model(f'davit-tiny_3rdparty_in1k{suffix}')
+            model.load_state_dict(state, strict=True)
+            logits[suffix] = model(x, mode='tensor')
+    assert (logits['-official'] - expected).abs().max() < 1e-4
+    assert (logits[''] - expected).abs().max() > 1e-2
+
+
+def test_load_config_marks_the_scope():
+    cfg = hub.load_config(
+        osp.join(REPO, 'configs', 'davit', 'davit-tiny_4xb256_in1k.py'))
+    assert cfg.model['_scope_'] == 'davit_ext'
+    from mmpretrain import get_model
+    model = get_model(cfg)
+    assert type(model.backbone) is davit_ext.models.davit.DaViT
+
+
+# --------------------------------------------------------------- inference
+@pytest.fixture(scope='module')
+def assets(tmp_path_factory):
+    """An image and a golden-retriever checkpoint, outside the repo."""
+    import cv2
+    import numpy as np
+    root = tmp_path_factory.mktemp('inference')
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (180, 240, 3), dtype=np.uint8)
+    cv2.imwrite(str(root / 'dog.png'), img)
+    from mmpretrain import get_model
+    state = get_model('davit-tiny_3rdparty_in1k').state_dict()
+    state['head.fc.weight'].zero_()
+    state['head.fc.bias'].zero_()
+    state['head.fc.bias'][GOLDEN] = 10.
+    ckpt = root / 'ckpt.pth'
+    torch.save({'state_dict': state, 'meta': {}}, ckpt)
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:8]
+    served = root / 'served'
+    served.mkdir()
+    url_name = f'davit-tiny_random-{digest}.pth'
+    (served / url_name).write_bytes(ckpt.read_bytes())
+    return dict(root=root, img=str(root / 'dog.png'), ckpt=str(ckpt),
+                served=str(served), url_name=url_name)
+
+
+@pytest.fixture
+def http_server(assets):
+    """Serve ``assets['served']`` on localhost (a URL without internet)."""
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=assets['served'], **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f'http://127.0.0.1:{server.server_address[1]}'
+    server.shutdown()
+    server.server_close()
+
+
+def check_golden(result):
+    from mmpretrain.datasets.categories import IMAGENET_CATEGORIES
+    assert result['pred_label'] == GOLDEN
+    assert result['pred_class'] == IMAGENET_CATEGORIES[GOLDEN] == \
+        'golden retriever'
+    assert result['pred_score'] == pytest.approx(GOLDEN_SCORE, rel=1e-5)
+
+
+def test_inference_model_by_name_outside_the_repo(assets, http_server):
+    """Local file and URL, both modes, in a fresh process run elsewhere."""
+    url = f'{http_server}/{assets["url_name"]}'
+    code = f'''
+        import json, os
+        import davit_ext
+        from mmpretrain import inference_model
+        assert not os.getcwd().startswith({REPO!r})
+        out = {{}}
+        for name in ('davit-tiny_3rdparty_in1k',
+                     'davit-tiny_3rdparty_in1k-official'):
+            for source in ({assets["ckpt"]!r}, {url!r}):
+                r = inference_model(name, {assets["img"]!r},
+                                    pretrained=source, device='cpu')
+                r.pop('pred_scores')
+                out[name + ' ' + source[:4]] = r
+        print(json.dumps(out))
+    '''
+    out = json.loads(
+        run_python(
+            code,
+            cwd=str(assets['root']),
+            env=dict(TORCH_HOME=str(assets['root'] / 'torch_home'))))
+    assert len(out) == 4
+    for result in out.values():
+        assert set(result) == {'pred_label', 'pred_score', 'pred_class'}
+        check_golden(result)
+
+
+def test_demo_script(assets):
+    proc = subprocess.run([
+        sys.executable,
+        osp.join(REPO, 'demo', 'image_demo.py'), assets['img'],
+        'davit-tiny_3rdparty_in1k-official', '--pretrained', assets['ckpt'],
+        '--device', 'cpu'
+    ],
+                          cwd=str(assets['root']),
+                          capture_output=True,
+                          text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_golden(json.loads(proc.stdout[proc.stdout.index('{'):]))
+
+
+def test_demo_script_bad_input(assets):
+    proc = subprocess.run([
+        sys.executable,
+        osp.join(REPO, 'demo', 'image_demo.py'), assets['img'],
+        'davit-huge_nonexistent'
+    ],
+                          cwd=str(assets['root']),
+                          capture_output=True,
+                          text=True,
+                          timeout=300)
+    assert proc.returncode == 1
+    assert 'Failed to find model "davit-huge_nonexistent"' in proc.stderr
+    assert 'Traceback' not in proc.stderr
