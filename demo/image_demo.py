@@ -45,7 +45,12 @@ def main(argv=None) -> int:
     from mmpretrain import inference_model
 
     import davit_ext  # noqa: F401  (our models in mmpretrain's hub)
+    from davit_ext import checkpoint
     from davit_ext.hub import load_config
+
+    # Checkpoints load with weights_only=True; downloads are checked against
+    # the sha256 prefix in their name and fail with a clear message offline.
+    checkpoint.install()
 
     if not Path(args.img).is_file():
         print(f'error: no image file at {args.img!r}', file=sys.stderr)
@@ -65,9 +70,13 @@ def main(argv=None) -> int:
             device=device,
             show=args.show,
             show_dir=args.show_dir)
+    except checkpoint.CheckpointDownloadError as e:
+        print(f'error: {e}\nWith this demo, pass the local file as '
+              '--pretrained /path/to/checkpoint.pth.', file=sys.stderr)
+        return 1
     except (OSError, RuntimeError, ValueError) as e:
-        # Unknown model names, unreadable checkpoints, failed downloads: the
-        # message says what to do; a traceback would bury it.
+        # Unknown model names, unreadable checkpoints: the message says what
+        # to do; a traceback would bury it.
         print(f'error: {e}', file=sys.stderr)
         return 1
     result.pop('pred_scores', None)

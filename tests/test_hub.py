@@ -285,3 +285,27 @@ def test_demo_script_bad_input(assets):
     assert proc.returncode == 1
     assert 'Failed to find model "davit-huge_nonexistent"' in proc.stderr
     assert 'Traceback' not in proc.stderr
+
+
+def test_demo_offline_download_fails_clearly(assets):
+    """No --pretrained: the metafile URL, which cannot be fetched here (a
+    dead proxy makes sure of that even on a machine with network)."""
+    dead = 'http://127.0.0.1:9'
+    env = dict(os.environ, TORCH_HOME=str(assets['root'] / 'offline_home'),
+               HTTPS_PROXY=dead, https_proxy=dead, HTTP_PROXY=dead,
+               http_proxy=dead, NO_PROXY='', no_proxy='')
+    proc = subprocess.run([
+        sys.executable,
+        osp.join(REPO, 'demo', 'image_demo.py'), assets['img'],
+        'davit-tiny_3rdparty_in1k'
+    ],
+                          cwd=str(assets['root']),
+                          env=env,
+                          capture_output=True,
+                          text=True,
+                          timeout=300)
+    assert proc.returncode == 1
+    assert f'could not download checkpoint {WEIGHTS["tiny"]}' in proc.stderr
+    assert 'pass the local file as --pretrained /path/to/checkpoint.pth' \
+        in proc.stderr
+    assert 'Traceback' not in proc.stderr
