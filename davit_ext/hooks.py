@@ -21,9 +21,13 @@ CHECKPOINT_KEY = 'random_states'
 
 def get_random_states() -> dict:
     """The states of Python's, numpy's and torch's global generators."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     states = dict(
         python=random.getstate(),
-        numpy=np.random.get_state(),
+        # numpy's uint32 key array is stored as an int64 tensor: checkpoints
+        # then hold no numpy type beyond those mmengine itself writes.
+        numpy=(kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+               gauss),
         torch=torch.get_rng_state())
     if torch.cuda.is_available():
         states['cuda'] = torch.cuda.get_rng_state_all()
@@ -33,7 +37,9 @@ def get_random_states() -> dict:
 def set_random_states(states: dict) -> None:
     """Restore what :func:`get_random_states` returned."""
     random.setstate(_as_tuple(states['python']))
-    np.random.set_state(tuple(states['numpy']))
+    kind, keys, pos, has_gauss, gauss = states['numpy']
+    np.random.set_state(
+        (kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(states['torch'])
     if 'cuda' in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states['cuda'])

@@ -2,6 +2,9 @@
 # global average pooling, a linear head trained with label smoothing, and
 # Mixup/CutMix batch augmentation.
 model = dict(
+    # Built in the davit_ext scope from any entry point (also mmpretrain's
+    # get_model/init_model, which build under the 'mmpretrain' scope).
+    _scope_='davit_ext',
     type='ImageClassifier',
     backbone=dict(
         type='DaViT', arch='t', out_indices=(3, ), drop_path_rate=0.1),

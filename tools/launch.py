@@ -1,0 +1,42 @@
+"""torchrun for tools/dist_train.sh and tools/dist_test.sh.
+
+Takes exactly ``python -m torch.distributed.run`` arguments. The difference
+is on failure: torchrun ends with its own traceback and failure table; this
+prints at most one line below the failing process's message and exits with
+that process's status. Status 2 (a davit_ext tool refusing its input, whose
+message is already printed) adds nothing.
+"""
+import logging
+import os
+import sys
+
+
+def main(argv=None):
+    from torch.distributed.elastic.multiprocessing.errors import \
+        ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    # Agent chatter (closing signals, per-rank failure logs) stays quiet
+    # unless LOGLEVEL asks for it.
+    if 'LOGLEVEL' not in os.environ:
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith('torch.distributed.elastic'):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+
+    try:
+        torchrun(sys.argv[1:] if argv is None else argv)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        code = failure.exitcode
+        if code == 2:
+            raise SystemExit(2) from None
+        how = f'was killed by signal {-code}' if code < 0 else \
+            f'exited with status {code}'
+        print(
+            f'error: {err.name} {how} on rank {rank}; its output is above.',
+            file=sys.stderr)
+        raise SystemExit(code if code > 0 else 1) from None
+
+
+if __name__ == '__main__':
+    main()
