@@ -1,0 +1,632 @@
+"""Benchmark our DaViT against mmpretrain's and timm's with the same weights.
+
+Candidates (one classifier each, 1000 classes unless ``--num-classes``):
+
+- ``ours``          our backbone, mmpretrain forward (``ImageClassifier`` with
+                    the GAP neck and ``LinearClsHead``)
+- ``ours-official`` our backbone, ``official=True`` (the original/timm forward)
+- ``mmpretrain``    mmpretrain's ``DaViT`` in the same ``ImageClassifier``
+- ``timm``          timm's ``DaVit``
+- ``ours+compile``  ``ours`` under ``torch.compile(fullgraph=True)``
+                    (``--compile``, inference only; with ``--compile-train``
+                    also the training step)
+- ``ours-cp``       ``ours`` with ``with_cp=True`` (``--with-cp``, training
+                    step and memory only)
+
+Every candidate gets the weights of ``ours`` (renamed to timm's layout for
+timm), with random LayerNorm affines and biases so that a tensor landing in
+the wrong place shows. Before any timing the logits are compared: ``ours`` vs
+``mmpretrain``, ``ours-official`` vs ``timm``, ``ours+compile`` vs ``ours``.
+A disagreement stops the run (``--no-check`` skips the comparison). A peer
+that is not installed, or that refuses the input size (mmpretrain raises on
+maps that do not fit its windows), is left out with a note.
+
+Timing is interleaved, A B C A B C ..., after ``--warmup`` rounds, so that a
+drift of the machine's speed hits every candidate alike; the table reports
+medians and ratios of ours to each peer. Measured:
+
+- inference: ``model.eval()`` under ``torch.inference_mode()``, img/s;
+- training step: forward + cross-entropy + backward + ``AdamW.step()``, img/s;
+- peak memory of one training step (and of one inference forward), measured
+  in a separate, untimed pass:
+
+  - CUDA: ``torch.cuda.max_memory_allocated()`` minus the memory allocated
+    before the step;
+  - CPU: the highest sum of live bytes that PyTorch's CPU allocator handed
+    out during the step, above what was live when it started, from the
+    allocation/free events of ``torch.profiler`` (``profile_memory=True``).
+    It is the CPU counterpart of ``max_memory_allocated``: activations kept
+    for backward, gradients and temporaries; parameters and AdamW state
+    existing before the step are not counted. Memory outside that allocator
+    (oneDNN scratch, Python objects) is not counted either. Unlike the
+    process's max RSS, it does not depend on what ran before in the process.
+
+Example (the README's Performance table)::
+
+    python tools/analysis_tools/benchmark.py --arch t --batch 8 --threads 2 \
+        --compile --with-cp --json work_dirs/benchmark_tiny.json
+
+This is a tool, not a test: timings on a shared machine are noisy, only
+ratios from one interleaved run mean anything.
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+ARCHS = {
+    't': dict(embed_dims=96, depths=[1, 1, 3, 1], num_heads=[3, 6, 12, 24]),
+    's': dict(embed_dims=96, depths=[1, 1, 9, 1], num_heads=[3, 6, 12, 24]),
+    'b': dict(embed_dims=128, depths=[1, 1, 9, 1], num_heads=[4, 8, 16, 32]),
+}
+ARCHS.update(tiny=ARCHS['t'], small=ARCHS['s'], base=ARCHS['b'])
+DTYPES = dict(fp32=None, bf16=torch.bfloat16, fp16=torch.float16)
+# Candidates compared with each other before timing: (ours, reference).
+CHECK_PAIRS = [('ours', 'mmpretrain'), ('ours-official', 'timm'),
+               ('ours+compile', 'ours')]
+PEERS = ('mmpretrain', 'timm')
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split('\n\n')[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        '--arch',
+        default='t',
+        help='t/s/b (tiny/small/base) or a JSON dict with embed_dims, '
+        'depths, num_heads')
+    p.add_argument('--batch', type=int, default=8)
+    p.add_argument(
+        '--img-size',
+        type=int,
+        nargs='+',
+        default=[224],
+        help='H [W] of the input (default 224)')
+    p.add_argument(
+        '--threads',
+        type=int,
+        default=2,
+        help='torch.set_num_threads (CPU); 0 keeps the default')
+    p.add_argument('--device', default='cpu')
+    p.add_argument(
+        '--dtype',
+        choices=sorted(DTYPES),
+        default='fp32',
+        help='bf16/fp16 run the forward under autocast')
+    p.add_argument(
+        '--channels-last',
+        action='store_true',
+        help='model and input in channels_last memory format')
+    p.add_argument(
+        '--compile',
+        action='store_true',
+        help='add ours+compile: torch.compile(fullgraph=True), inductor; on '
+        'CPU with freezing (weights folded and prepacked) for inference')
+    p.add_argument(
+        '--compile-train',
+        action='store_true',
+        help='with --compile, also time the compiled training step')
+    p.add_argument(
+        '--compile-mode', default=None, help='torch.compile mode, e.g. '
+        'max-autotune')
+    p.add_argument(
+        '--with-cp',
+        action='store_true',
+        help='add ours-cp (with_cp=True) to the training step and memory')
+    p.add_argument(
+        '--peers',
+        nargs='*',
+        default=list(PEERS),
+        help='peers to compare with (default: mmpretrain timm)')
+    p.add_argument(
+        '--no-official',
+        action='store_true',
+        help='leave out ours-official')
+    p.add_argument('--iters', type=int, default=10, help='timed rounds')
+    p.add_argument('--warmup', type=int, default=2, help='untimed rounds')
+    p.add_argument(
+        '--train-iters',
+        type=int,
+        default=None,
+        help='timed training rounds (default: --iters)')
+    p.add_argument(
+        '--skip',
+        nargs='*',
+        default=[],
+        choices=['infer', 'train', 'memory'],
+        help='parts to skip')
+    p.add_argument('--drop-path-rate', type=float, default=0.1)
+    p.add_argument('--num-classes', type=int, default=1000)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument(
+        '--atol',
+        type=float,
+        default=None,
+        help='max |logit difference| allowed by the checks (default 1e-4 '
+        'for fp32, 5e-2 under autocast)')
+    p.add_argument('--no-check', action='store_true')
+    p.add_argument('--json', default=None, help='write the results here')
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------- building
+def arch_settings(arch: str) -> Dict:
+    if arch.lower() in ARCHS:
+        return dict(ARCHS[arch.lower()])
+    try:
+        cfg = json.loads(arch)
+    except json.JSONDecodeError:
+        raise SystemExit(f'--arch: expected one of {sorted(ARCHS)} or a JSON '
+                         f'dict; got {arch!r}')
+    return dict(
+        embed_dims=int(cfg['embed_dims']),
+        depths=list(cfg['depths']),
+        num_heads=list(cfg['num_heads']))
+
+
+def build_mm_classifier(backbone_type: str, arch: Dict, args,
+                        **backbone_kwargs) -> nn.Module:
+    """An mmpretrain ``ImageClassifier`` around ``backbone_type``."""
+    from mmpretrain.models import ImageClassifier
+    channels = arch['embed_dims'] * 2**(len(arch['depths']) - 1)
+    official = backbone_kwargs.get('official', False)
+    return ImageClassifier(
+        backbone=dict(
+            type=backbone_type,
+            arch=dict(arch),
+            drop_path_rate=args.drop_path_rate,
+            **backbone_kwargs),
+        # The official forward pools and normalises in the backbone.
+        neck=None if official else dict(type='GlobalAveragePooling'),
+        head=dict(
+            type='LinearClsHead',
+            num_classes=args.num_classes,
+            in_channels=channels))
+
+
+def build_timm(arch: Dict, args) -> nn.Module:
+    from timm.models.davit import DaVit
+    n = len(arch['depths'])
+    return DaVit(
+        depths=tuple(arch['depths']),
+        embed_dims=tuple(arch['embed_dims'] * 2**i for i in range(n)),
+        num_heads=tuple(arch['num_heads']),
+        drop_path_rate=args.drop_path_rate,
+        num_classes=args.num_classes)
+
+
+class Logits(nn.Module):
+    """Uniform call: image batch -> logits (B, num_classes)."""
+
+    def __init__(self, model: nn.Module, mm: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.mm = mm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mm:
+            return self.model(x, mode='tensor')
+        return self.model(x)
+
+
+def randomize_(model: nn.Module, seed: int) -> None:
+    """Random weights everywhere, norms and biases included."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and name.endswith('weight'):  # norm scales
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1:  # biases, norm shifts
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) * fan_in**-0.5)
+
+
+def build_candidates(args, notes: List[str]) -> 'OrderedDict[str, nn.Module]':
+    """All candidates on CPU in fp32, sharing the weights of ``ours``."""
+    import davit_ext  # noqa: F401  (registers our DaViT)
+    from davit_ext.converters import mmpretrain_to_timm
+    arch = arch_settings(args.arch)
+    models = OrderedDict()
+    torch.manual_seed(args.seed)
+    ours = build_mm_classifier('davit_ext.DaViT', arch, args)
+    randomize_(ours, args.seed)
+    state = ours.state_dict()
+    models['ours'] = Logits(ours, mm=True)
+    if not args.no_official:
+        official = build_mm_classifier(
+            'davit_ext.DaViT', arch, args, official=True)
+        official.load_state_dict(state, strict=True)
+        models['ours-official'] = Logits(official, mm=True)
+    for peer in args.peers:
+        try:
+            if peer == 'mmpretrain':
+                model = build_mm_classifier('mmpretrain.DaViT', arch, args)
+                model.load_state_dict(state, strict=True)
+                models[peer] = Logits(model, mm=True)
+            elif peer == 'timm':
+                model = build_timm(arch, args)
+                model.load_state_dict(
+                    mmpretrain_to_timm(state, len(arch['depths'])),
+                    strict=True)
+                models[peer] = Logits(model, mm=False)
+            else:
+                raise SystemExit(f'--peers: unknown peer {peer!r}; choose '
+                                 f'from {PEERS}')
+        except ImportError as e:
+            notes.append(f'{peer}: not installed ({e}), left out')
+    if args.compile:
+        models['ours+compile'] = models['ours']  # compiled in prepare()
+    if args.with_cp:
+        cp = build_mm_classifier('davit_ext.DaViT', arch, args, with_cp=True)
+        cp.load_state_dict(state, strict=True)
+        models['ours-cp'] = Logits(cp, mm=True)
+    return models
+
+
+# ---------------------------------------------------------------- helpers
+def sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def autocast(args, device: torch.device):
+    dtype = DTYPES[args.dtype]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def machine_info(args) -> Dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    cpu = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = dict(
+        cpu=cpu,
+        cpu_count=os.cpu_count(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        python=platform.python_version(),
+        date=datetime.datetime.now().isoformat(timespec='seconds'))
+    for mod in ('mmpretrain', 'timm', 'mmengine'):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            info[mod] = None
+    if args.device.startswith('cuda') and torch.cuda.is_available():
+        info['gpu'] = torch.cuda.get_device_name(torch.device(args.device))
+    return info
+
+
+class Runner:
+    """One candidate on the target device: inference and training calls."""
+
+    def __init__(self, name: str, model: nn.Module, args,
+                 device: torch.device) -> None:
+        self.name = name
+        self.args = args
+        self.device = device
+        self.model = model
+        self.infer_fn: Callable = model
+        self.train_fn: Callable = model
+        self.optimizer = None
+        self.compile_s = {}
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        with torch.inference_mode(), autocast(self.args, self.device):
+            return self.infer_fn(x)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.model.train()
+        if self.optimizer is None:
+            self.optimizer = torch.optim.AdamW(
+                [p for p in self.model.parameters() if p.requires_grad],
+                lr=1e-5)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.args, self.device):
+            loss = F.cross_entropy(self.train_fn(x).float(), y)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+
+def compile_candidate(runner: Runner, x: torch.Tensor, y: torch.Tensor,
+                      args) -> None:
+    """Compile ``runner``'s model; record the time of the first calls."""
+    import torch._inductor.config as inductor_config
+    kwargs = dict(fullgraph=True, mode=args.compile_mode)
+    # A separate compiled callable for each use: freezing folds the weights
+    # into the inference graph, so that graph cannot be trained.
+    if runner.device.type == 'cpu':
+        inductor_config.freezing = True
+    runner.infer_fn = torch.compile(runner.model, **kwargs)
+    t0 = time.perf_counter()
+    runner.infer(x)
+    sync(runner.device)
+    runner.compile_s['infer'] = time.perf_counter() - t0
+    inductor_config.freezing = False
+    if args.compile_train:
+        torch._dynamo.reset()
+        runner.train_fn = torch.compile(runner.model, **kwargs)
+        state = {k: v.clone() for k, v in runner.model.state_dict().items()}
+        t0 = time.perf_counter()
+        runner.train_step(x, y)
+        sync(runner.device)
+        runner.compile_s['train'] = time.perf_counter() - t0
+        runner.model.load_state_dict(state)  # undo the compile step's update
+        runner.optimizer = None
+
+
+# ----------------------------------------------------------------- phases
+def check_outputs(runners: Dict[str, Runner], x: torch.Tensor, args,
+                  notes: List[str]) -> List[Dict]:
+    """Logits of each pair must agree; drop peers that cannot run."""
+    atol = args.atol
+    if atol is None:
+        atol = 1e-4 if args.dtype == 'fp32' else 5e-2
+    logits = {}
+    for name, runner in list(runners.items()):
+        try:
+            logits[name] = runner.infer(x).float()
+        except Exception as e:  # a peer refusing the input size
+            if name not in PEERS:
+                raise
+            notes.append(f'{name}: cannot run this input '
+                         f'({type(e).__name__}: {e}), left out')
+            del runners[name]
+    checks = []
+    for a, b in CHECK_PAIRS:
+        if a in logits and b in logits:
+            diff = (logits[a] - logits[b]).abs().max().item()
+            scale = logits[b].abs().max().item()
+            checks.append(
+                dict(
+                    pair=f'{a} vs {b}',
+                    max_abs_diff=diff,
+                    logit_scale=scale,
+                    atol=atol,
+                    ok=diff <= atol))
+    return checks
+
+
+def time_interleaved(fns: Dict[str, Callable], rounds: int, warmup: int,
+                     device: torch.device) -> Dict[str, List[float]]:
+    """Seconds per call of each fn, A B C A B C ..., after warm-up."""
+    times = {name: [] for name in fns}
+    for r in range(warmup + rounds):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence the profiler's C++ log lines (one per start and stop)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, 'w') as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def peak_memory(fn: Callable, device: torch.device) -> float:
+    """Peak bytes allocated by ``fn`` above what was live before (see top)."""
+    if device.type == 'cuda':
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch._C._autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    with quiet_stderr(), profile(
+            activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [
+        e for e in prof.profiler.kineto_results.events()
+        if e.name() == '[memory]' and e.device_type() == DeviceType.CPU
+    ]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return float(peak)
+
+
+# ------------------------------------------------------------------ report
+def summarize(results: Dict, metric: str, higher_better: bool,
+              peers: List[str]) -> None:
+    """Add ``{metric}_vs_{peer}`` ratios (>1 means ours is better)."""
+    for name, res in results.items():
+        if name in peers or res.get(metric) is None:
+            continue
+        for peer in peers:
+            ref = results.get(peer, {}).get(metric)
+            if ref:
+                ratio = res[metric] / ref if higher_better else \
+                    ref / res[metric]
+                res[f'{metric}_vs_{peer}'] = ratio
+
+
+def format_table(results: Dict, peers: List[str]) -> str:
+    cols = [('infer img/s', 'infer_img_s', '{:.2f}'),
+            ('train img/s', 'train_img_s', '{:.2f}'),
+            ('train peak MB', 'train_peak_mb', '{:.0f}')]
+    header = ['model']
+    for title, _, _ in cols:
+        header.append(title)
+        header += [f'x {p}' for p in peers]
+    rows = [header]
+    for name, res in results.items():
+        row = [name]
+        for _, key, fmt in cols:
+            val = res.get(key)
+            row.append('-' if val is None else fmt.format(val))
+            for p in peers:
+                r = res.get(f'{key}_vs_{p}')
+                row.append('-' if r is None else f'{r:.2f}')
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [
+        ' | '.join(c.ljust(w) if i == 0 else c.rjust(w)
+                   for i, (c, w) in enumerate(zip(r, widths))) for r in rows
+    ]
+    lines.insert(1, '-+-'.join('-' * w for w in widths))
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.compile_train and not args.compile:
+        raise SystemExit('--compile-train needs --compile')
+    device = torch.device(args.device)
+    if device.type == 'cpu' and args.dtype == 'fp16':
+        raise SystemExit('--dtype fp16 autocast is for CUDA; use bf16 on CPU')
+    size = args.img_size * 2 if len(args.img_size) == 1 else args.img_size
+    if len(size) != 2:
+        raise SystemExit('--img-size takes H or H W')
+    fmt = torch.channels_last if args.channels_last else \
+        torch.contiguous_format
+    notes: List[str] = []
+
+    models = build_candidates(args, notes)
+    runners = OrderedDict()
+    for name, model in models.items():
+        if name == 'ours+compile':
+            continue  # shares the module of ours, added below
+        model.to(device=device, memory_format=fmt)
+        runners[name] = Runner(name, model, args, device)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    x = torch.randn(args.batch, 3, *size, generator=g).to(
+        device=device, memory_format=fmt)
+    y = torch.randint(args.num_classes, (args.batch, ), generator=g).to(device)
+
+    if 'ours+compile' in models:
+        # A deep copy so that training ours (eager) leaves it untouched.
+        import copy
+        runner = Runner('ours+compile', copy.deepcopy(models['ours']), args,
+                        device)
+        compile_candidate(runner, x, y, args)
+        runners['ours+compile'] = runner
+
+    checks = []
+    if not args.no_check:
+        checks = check_outputs(runners, x, args, notes)
+        for c in checks:
+            print(f"check {c['pair']}: max |diff| {c['max_abs_diff']:.2e} "
+                  f"(logits up to {c['logit_scale']:.2f}, atol "
+                  f"{c['atol']:.0e}) {'ok' if c['ok'] else 'FAILED'}")
+        if not all(c['ok'] for c in checks):
+            raise SystemExit('outputs disagree: not timing (see above)')
+
+    results = OrderedDict((name, {}) for name in runners)
+    for name, runner in runners.items():
+        if runner.compile_s:
+            results[name]['compile_s'] = runner.compile_s
+    if 'infer' not in args.skip:
+        fns = {
+            n: (lambda r=r: r.infer(x))
+            for n, r in runners.items() if n != 'ours-cp'
+        }
+        times = time_interleaved(fns, args.iters, args.warmup, device)
+        for n, t in times.items():
+            results[n]['infer_s'] = t
+            results[n]['infer_img_s'] = args.batch / statistics.median(t)
+    trainable = [
+        n for n, r in runners.items()
+        if n != 'ours+compile' or args.compile_train
+    ]
+    if 'train' not in args.skip:
+        fns = {n: (lambda r=runners[n]: r.train_step(x, y)) for n in trainable}
+        times = time_interleaved(fns, args.train_iters or args.iters,
+                                 args.warmup, device)
+        for n, t in times.items():
+            results[n]['train_s'] = t
+            results[n]['train_img_s'] = args.batch / statistics.median(t)
+    if 'memory' not in args.skip:
+        for n in trainable:
+            r = runners[n]
+            r.train_step(x, y)  # AdamW state exists before the measurement
+            results[n]['train_peak_mb'] = peak_memory(
+                lambda: r.train_step(x, y), device) / 2**20
+        for n, r in runners.items():
+            if n != 'ours-cp':
+                results[n]['infer_peak_mb'] = peak_memory(
+                    lambda: r.infer(x), device) / 2**20
+
+    peers = [p for p in PEERS if p in results]
+    for metric, higher in (('infer_img_s', True), ('train_img_s', True),
+                           ('train_peak_mb', False), ('infer_peak_mb',
+                                                      False)):
+        summarize(results, metric, higher, peers)
+    if 'ours-cp' in results and 'train_peak_mb' in results['ours-cp']:
+        results['ours-cp']['train_peak_vs_ours'] = \
+            results['ours-cp']['train_peak_mb'] / \
+            results['ours']['train_peak_mb']
+
+    meta = machine_info(args)
+    config = dict(
+        vars(args), img_size=list(size), arch_settings=arch_settings(
+            args.arch))
+    print(f"\nDaViT {args.arch} {size[0]}x{size[1]} batch {args.batch} "
+          f"{args.dtype}{' channels_last' if args.channels_last else ''} "
+          f"on {device}: {meta['cpu'] if device.type == 'cpu' else meta.get('gpu')}, "
+          f"{meta['threads']} threads, torch {meta['torch']}, "
+          f"{meta['date']}")
+    print(f"medians of {args.iters} interleaved rounds after {args.warmup} "
+          'warm-up; ratios > 1 mean ours is better (faster / less memory)')
+    print(format_table(results, peers))
+    for name, res in results.items():
+        if 'compile_s' in res:
+            print(f'{name}: compile time ' + ', '.join(
+                f'{k} {v:.1f} s' for k, v in res['compile_s'].items()))
+        if 'train_peak_vs_ours' in res:
+            print(f"{name}: training peak memory "
+                  f"{res['train_peak_vs_ours']:.2f}x ours (with_cp=False)")
+    for note in notes:
+        print('note:', note)
+
+    out = dict(meta=meta, config=config, checks=checks, notes=notes,
+               results=results)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, 'w') as f:
+            json.dump(out, f, indent=2)
+        print('wrote', args.json)
+    return out
+
+
+if __name__ == '__main__':
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
+    main()
