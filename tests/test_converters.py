@@ -224,8 +224,29 @@ def test_pickled_extras_need_allow_pickle(timm_tiny, tmp_path, capsys):
                tmp_path / 'off.pth')
     src, dst = str(tmp_path / 'off.pth'), str(tmp_path / 'mm.pth')
     assert tool.main([src, dst]) == 1
-    assert 'run again with --allow-pickle' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: refused to load {src}: ')
+    assert 'GLOBAL argparse.Namespace' in err
+    assert 'Nothing from the file was executed' in err
+    assert err.strip().endswith(
+        'If you trust the file, run again with --allow-pickle.')
     assert tool.main([src, dst, '--allow-pickle']) == 0
+
+
+def test_mmengine_runner_checkpoint_loads_safely(timm_tiny, tmp_path):
+    """What mmengine's runner writes (HistoryBuffer, numpy) needs no
+    --allow-pickle."""
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+    buf = HistoryBuffer()
+    buf.update(np.float64(0.5))
+    mm = C.timm_to_mmpretrain(timm_tiny.state_dict())
+    torch.save({'state_dict': mm, 'message_hub': {'log': buf},
+                'meta': {'seed': np.int64(3)}}, tmp_path / 'epoch_1.pth')
+    assert tool.main([str(tmp_path / 'epoch_1.pth'), str(tmp_path / 't.pth'),
+                      '--to', 'timm']) == 0
+    back = torch.load(tmp_path / 't.pth', weights_only=True)
+    assert list(back) == list(timm_tiny.state_dict())
 
 
 def test_safetensors_source(timm_tiny, tmp_path):

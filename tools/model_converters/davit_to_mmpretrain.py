@@ -5,9 +5,10 @@ layouts.
     python tools/model_converters/davit_to_mmpretrain.py SRC DST
     python tools/model_converters/davit_to_mmpretrain.py SRC DST --to timm
 
-SRC is a ``.pth``/``.pt``/``.bin`` checkpoint or a ``.safetensors`` file of an
-official (github.com/dingmyu/davit), timm or mmpretrain DaViT classifier: a
-plain state dict or one wrapped under ``state_dict``, ``model`` or
+SRC is a ``.pth``/``.pt``/``.bin`` checkpoint (file or http(s) URL) or a
+``.safetensors`` file of an
+official (github.com/dingmyu/davit), timm or mmpretrain DaViT
+classifier: a plain state dict or one wrapped under ``state_dict``, ``model`` or
 ``state_dict_ema`` (``--key`` picks another). Its layout is detected. With
 ``--to mmpretrain`` (the default) DST is ``{'state_dict': ..., 'meta': ...}``
 and loads with ``strict=True`` into davit_ext's (and mmpretrain's) DaViT
@@ -55,7 +56,17 @@ def parse_args(argv=None):
 
 
 def load_source(path: str, allow_pickle: bool = False):
-    """Load a checkpoint file safely (tensors and plain containers only)."""
+    """Load a checkpoint file or http(s) URL.
+
+    Safely by default: ``weights_only=True`` with the allowlist of what
+    mmengine's runner writes (davit_ext.checkpoint); downloads are checked
+    against the sha256 prefix in their name. ``allow_pickle`` unpickles
+    anything (trusted files only).
+    """
+    from davit_ext.checkpoint import allowed_globals, download_checkpoint
+    source = path
+    if path.startswith(('http://', 'https://')):
+        path = download_checkpoint(path)
     if not osp.isfile(path):
         raise FileNotFoundError(f'No checkpoint file at {path!r}.')
     if path.endswith('.safetensors'):
@@ -65,15 +76,21 @@ def load_source(path: str, allow_pickle: bool = False):
             raise ImportError('Reading .safetensors needs the safetensors '
                               'package: pip install safetensors') from e
         return load_file(path, device='cpu')
+    if allow_pickle:
+        return torch.load(path, map_location='cpu', weights_only=False)
     try:
-        return torch.load(
-            path, map_location='cpu', weights_only=not allow_pickle)
+        with torch.serialization.safe_globals(allowed_globals()):
+            return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines()]
+        reason = next((ln for ln in lines if 'global' in ln.lower()),
+                      lines[0] if lines else type(e).__name__)
         raise RuntimeError(
-            f'{path} holds objects other than tensors and plain containers '
-            '(e.g. the training arguments), which safe loading refuses. If '
-            'you trust the file, run again with --allow-pickle.\n'
-            f'Details: {str(e).splitlines()[0]}') from e
+            f'refused to load {source}: it pickles objects other than '
+            'tensors, plain containers and what mmengine writes (e.g. the '
+            f'training arguments): {reason.split(". Please use")[0]}. '
+            'Nothing from the file was executed. If you trust the file, run '
+            'again with --allow-pickle.') from None
 
 
 def main(argv=None) -> int:
