@@ -145,6 +145,9 @@ class WindowAttention(nn.Module):
         self.w_msa = WindowMSA(embed_dims, num_heads, qkv_bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x``: (B, H, W, C) -> (B, H, W, C), or, where no padding was
+        needed, (B, H / wh, wh, W / ww, ww, C): a view of the output map
+        as the windows hold it (see :meth:`AttentionBlock.add_branch`)."""
         B, H, W, C = x.shape
         wh = ww = self.window_size
         if not self.pad_small_map:
@@ -157,10 +160,11 @@ class WindowAttention(nn.Module):
         nh, nw = (H + pad_b) // wh, (W + pad_r) // ww
         windows = x.view(B, nh, wh, nw, ww, C).transpose(2, 3)
         out = self.w_msa(windows.reshape(B * nh * nw, wh * ww, C))
+        # (B, nh, wh, nw, ww, C): the map, still stored window by window.
         out = out.view(B, nh, nw, wh, ww, C).transpose(2, 3)
-        out = out.reshape(B, nh * wh, nw * ww, C)
         if pad_b or pad_r:
-            out = out[:, :H, :W]
+            return out.reshape(B, nh * wh, nw * ww, C)[:, :H, :W]
+        # Left as a view: the residual add merges the windows (no copy).
         return out
 
 
@@ -240,11 +244,20 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.cpe1(x)
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path,
-                          self.training)
+        x = self.add_branch(x, self.attn(self.norm1(x)))
         x = self.cpe2(x)
-        return x + drop_path(
-            self.ffn(self.norm2(x)), self.drop_path, self.training)
+        return self.add_branch(x, self.ffn(self.norm2(x)))
+
+    def add_branch(self, x: Tensor, branch: Tensor) -> Tensor:
+        """``x + drop_path(branch)`` as a new contiguous (B, H, W, C) map.
+
+        ``branch`` is (B, H, W, C), or the same map split into windows,
+        (B, nh, wh, nw, ww, C), as the window attention returns it: the add
+        then merges the windows on the way.
+        """
+        out = x.view(branch.shape) + drop_path(branch, self.drop_path,
+                                               self.training)
+        return out.view(x.shape)
 
 
 class DaViTBlock(nn.Module):
