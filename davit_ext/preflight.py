@@ -10,10 +10,16 @@ from typing import Any, Iterator, Optional, Sequence, Tuple
 
 from davit_ext.checkpoint import (CheckpointError, check_state_dict_fits,
                                   load_checkpoint_file)
+
+
+class CheckpointStateError(CheckpointError):
+    """A checkpoint lacks the training state that resuming needs."""
+
 from davit_ext.runtime import LauncherError
 
 __all__ = [
-    'ConfigError', 'DatasetNotFoundError', 'USER_ERRORS', 'check_datasets',
+    'ConfigError', 'DatasetNotFoundError', 'CheckpointStateError',
+    'USER_ERRORS', 'check_datasets',
     'check_checkpoint', 'check_config_path', 'run_tool',
     'DATASET_PREPARE_URL'
 ]
@@ -105,16 +111,20 @@ def check_datasets(cfg: Any, loaders: Sequence[str]) -> None:
 
 def check_checkpoint(cfg: Any,
                      checkpoint: str,
-                     strict: bool = True) -> None:
+                     strict: bool = True,
+                     resume: bool = False) -> None:
     """Load ``checkpoint`` (path or URL) safely and check it fits the
     model of ``cfg``: same keys and shapes when ``strict`` (resume, test),
-    compatible shapes and some shared keys otherwise (fine-tuning).
+    compatible shapes and some shared keys otherwise (fine-tuning). With
+    ``resume``, it must also hold the training state mmengine resumes.
 
     Raises a :class:`~davit_ext.checkpoint.CheckpointError` subclass.
     """
     from mmengine.registry import MODELS, init_default_scope
 
     ckpt = load_checkpoint_file(checkpoint, map_location='cpu')
+    if resume:
+        _check_training_state(ckpt, checkpoint)
     init_default_scope(cfg.get('default_scope', 'davit_ext'))
     model_cfg = cfg.model.copy()
     if cfg.get('data_preprocessor') is not None:
@@ -130,6 +140,21 @@ def check_checkpoint(cfg: Any,
     finally:
         del model, ckpt
         gc.collect()
+
+
+def _check_training_state(ckpt: Any, source: str) -> None:
+    meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
+    missing = [k for k in ('epoch', 'iter')
+               if not isinstance(meta, dict) or k not in meta]
+    if not isinstance(ckpt, dict) or 'message_hub' not in ckpt:
+        missing.append('message_hub')
+    if missing:
+        raise CheckpointStateError(
+            f'checkpoint {source} holds weights but not the training state '
+            f'needed to resume ({", ".join(missing)} missing): it was not '
+            f'saved by an mmengine training run. To start training from '
+            f'these weights, pass them as --cfg-options load_from={source} '
+            f'instead of --resume.')
 
 
 def _config_name(cfg: Any) -> str:

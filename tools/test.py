@@ -13,9 +13,13 @@ import argparse
 import os
 import os.path as osp
 import sys
+import warnings
 from copy import deepcopy
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+# mmcv-lite lacks a compiled op classification never uses; its import
+# warning is noise here.
+warnings.filterwarnings('ignore', message='Fail to import ``MultiScale')
 
 
 def parse_args(argv=None):

@@ -19,9 +19,13 @@ import argparse
 import os
 import os.path as osp
 import sys
+import warnings
 from copy import deepcopy
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+# mmcv-lite lacks a compiled op classification never uses; its import
+# warning is noise here.
+warnings.filterwarnings('ignore', message='Fail to import ``MultiScale')
 
 
 def parse_args(argv=None):
@@ -162,12 +166,12 @@ def preflight(cfg, args):
     check_datasets(cfg, loaders)
 
     if cfg.get('resume') and cfg.get('load_from'):
-        check_checkpoint(cfg, cfg.load_from, strict=True)
+        check_checkpoint(cfg, cfg.load_from, strict=True, resume=True)
     elif cfg.get('resume'):
         latest = find_latest_checkpoint(cfg.work_dir) \
             if osp.isdir(cfg.work_dir) else None
         if latest is not None:
-            check_checkpoint(cfg, latest, strict=True)
+            check_checkpoint(cfg, latest, strict=True, resume=True)
     elif cfg.get('load_from'):
         # Fine-tuning may replace the head: shared keys must fit.
         check_checkpoint(cfg, cfg.load_from, strict=False)

@@ -67,8 +67,8 @@ val_evaluator = dict(type='Accuracy', topk=(1, ))
 test_dataloader = val_dataloader
 test_evaluator = val_evaluator
 
-# schedule: 30 epochs of 23 iterations
-max_epochs = 30
+# schedule: 10 epochs of 23 iterations
+max_epochs = 10
 optim_wrapper = dict(optimizer=dict(lr=2e-3))
 param_scheduler = [
     dict(

@@ -1,0 +1,321 @@
+"""Safe checkpoint loading: allowlist, refusal without side effects, clear
+errors, download integrity (HTTP served from 127.0.0.1), mmengine routing."""
+import functools
+import hashlib
+import http.server
+import io
+import os
+import os.path as osp
+import socket
+import threading
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from mmengine.logging.history_buffer import HistoryBuffer
+
+import davit_ext  # noqa: F401
+from davit_ext import checkpoint as C
+
+
+class _MkdirPayload:
+    """Unpickling it would create ``path`` (the side effect to look for)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path, ))
+
+
+class _GetattrPayload:
+    """Pickles as ``getattr(HistoryBuffer, name)``: only the statistics
+    methods mmengine pickles this way may load."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __reduce__(self):
+        return (getattr, (HistoryBuffer, self.name))
+
+
+def _runner_like_checkpoint():
+    """What mmengine's runner writes (HistoryBuffer, numpy arrays/scalars)."""
+    buf = HistoryBuffer()
+    for v in (0.5, 0.25, 0.125):
+        buf.update(v)
+    return {
+        'meta': {
+            'epoch': 2,
+            'iter': 8,
+            'seed': 0,
+            'dataset_meta': {
+                'classes': ('0', '1')
+            }
+        },
+        'state_dict': OrderedDict(w=torch.arange(6.).reshape(2, 3)),
+        'message_hub': {
+            'log_scalars': {
+                'train/loss': buf
+            },
+            'runtime_info': {
+                'eta': np.float64(1.5),
+                'iter': 8
+            },
+            'resumed_keys': {
+                'eta': False
+            }
+        },
+        'optimizer': {
+            'state': {},
+            'param_groups': [{
+                'lr': 1e-3,
+                'betas': (0.9, 0.999)
+            }]
+        },
+    }
+
+
+def test_runner_checkpoint_loads_with_its_types(tmp_path):
+    path = str(tmp_path / 'epoch_2.pth')
+    torch.save(_runner_like_checkpoint(), path)
+    ckpt = C.load_checkpoint_file(path)
+    buf = ckpt['message_hub']['log_scalars']['train/loss']
+    assert isinstance(buf, HistoryBuffer)
+    assert buf.data[0].tolist() == [0.5, 0.25, 0.125]
+    assert buf.mean() == pytest.approx(0.875 / 3)
+    assert ckpt['message_hub']['runtime_info']['eta'] == np.float64(1.5)
+    assert torch.equal(ckpt['state_dict']['w'],
+                       torch.arange(6.).reshape(2, 3))
+    assert ckpt['meta']['dataset_meta']['classes'] == ('0', '1')
+
+
+def test_allowlist_is_explicit():
+    names = sorted(
+        e[1] if isinstance(e, tuple) else f'{e.__module__}.{e.__qualname__}'
+        for e in C.allowed_globals())
+    assert names == [
+        'builtins.getattr',
+        'mmengine.logging.history_buffer.HistoryBuffer',
+        'numpy._core.multiarray._reconstruct',
+        'numpy._core.multiarray.scalar',
+        'numpy.core.multiarray._reconstruct',
+        'numpy.core.multiarray.scalar',
+        'numpy.dtype',
+        'numpy.dtypes.Float32DType',
+        'numpy.dtypes.Float64DType',
+        'numpy.dtypes.Int32DType',
+        'numpy.dtypes.Int64DType',
+        'numpy.ndarray',
+    ]
+    getattr_standin = dict(
+        (e[1], e[0]) for e in C.allowed_globals()
+        if isinstance(e, tuple))['builtins.getattr']
+    assert getattr_standin is not getattr
+
+
+def test_malicious_checkpoint_refused_without_side_effect(tmp_path):
+    marker = tmp_path / 'payload_ran'
+    path = str(tmp_path / 'evil.pth')
+    torch.save({'state_dict': {}, 'x': _MkdirPayload(str(marker))}, path)
+    with pytest.raises(C.UnsafeCheckpointError) as err:
+        C.load_checkpoint_file(path)
+    assert not marker.exists()
+    msg = str(err.value)
+    assert msg.startswith(f'refused to load checkpoint {path}: it contains '
+                          'a pickled object')
+    assert 'posix.mkdir' in msg
+    assert 'Nothing from the file was executed' in msg
+
+
+def test_getattr_is_only_history_buffer_statistics(tmp_path):
+    path = str(tmp_path / 'getattr.pth')
+    torch.save({'f': _GetattrPayload('__init__')}, path)
+    with pytest.raises(C.UnsafeCheckpointError) as err:
+        C.load_checkpoint_file(path)
+    assert ("getattr(mmengine.logging.history_buffer.HistoryBuffer, "
+            "'__init__') is not allowed") in str(err.value)
+    # the statistics methods do load, as mmengine's checkpoints need
+    torch.save({'f': _GetattrPayload('mean')}, path)
+    assert C.load_checkpoint_file(path)['f'] is HistoryBuffer.mean
+
+
+def test_missing_truncated_and_foreign_files(tmp_path):
+    missing = str(tmp_path / 'nope.pth')
+    with pytest.raises(C.CheckpointNotFoundError) as err:
+        C.load_checkpoint_file(missing)
+    assert str(err.value) == (
+        f"checkpoint {missing!r} does not exist (looked in {missing!r}). "
+        'Check the path, or give an http(s) URL of a published checkpoint.')
+
+    buf = io.BytesIO()
+    torch.save(_runner_like_checkpoint(), buf)
+    truncated = tmp_path / 'truncated.pth'
+    truncated.write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    with pytest.raises(C.CorruptCheckpointError) as err:
+        C.load_checkpoint_file(str(truncated))
+    assert str(err.value).startswith(
+        f'cannot read checkpoint {truncated}: the file is truncated, '
+        'damaged or not a torch checkpoint (PytorchStreamReader failed')
+    assert 'resume from an earlier epoch_N.pth' in str(err.value)
+
+    empty = tmp_path / 'empty.pth'
+    empty.write_bytes(b'')
+    with pytest.raises(C.CorruptCheckpointError):
+        C.load_checkpoint_file(str(empty))
+    with pytest.raises(C.CheckpointNotFoundError, match='is a folder'):
+        C.load_checkpoint_file(str(tmp_path))
+
+
+def test_state_dict_fit_check():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    good = {'state_dict': {'module.0.weight': torch.zeros(2, 3),
+                           '0.bias': torch.zeros(2)}}
+    C.check_state_dict_fits(model, good, 'good.pth')
+    bad = {'state_dict': {'0.weight': torch.zeros(4, 3),
+                          'head.fc.bias': torch.zeros(4)}}
+    with pytest.raises(C.CheckpointMismatchError) as err:
+        C.check_state_dict_fits(model, bad, 'bad.pth', model_name='M')
+    assert str(err.value) == (
+        'checkpoint bad.pth does not fit M: 1 key(s) of M are missing: '
+        '0.bias; 1 key(s) are not in M: head.fc.bias; 1 shape mismatch(es): '
+        '0.weight (checkpoint (4, 3), model (2, 3)). Use a checkpoint saved '
+        'from this config (same arch and num_classes); DaViT weights in the '
+        'timm layout must be converted first (davit_ext.converters).')
+    # fine-tuning: a missing head is fine, nothing shared is not
+    C.check_state_dict_fits(
+        model, {'0.weight': torch.zeros(2, 3)}, 'part.pth', strict=False)
+    with pytest.raises(C.CheckpointMismatchError, match='none of its 1 keys'):
+        C.check_state_dict_fits(
+            model, {'x': torch.zeros(1)}, 'other.pth', strict=False)
+
+
+def test_install_routes_mmengine_loading(tmp_path):
+    from mmengine.runner import load_checkpoint
+    from mmengine.runner.checkpoint import CheckpointLoader
+    C.install()
+    assert C.is_installed()
+    assert CheckpointLoader._get_checkpoint_loader('x.pth') is \
+        C.load_from_local
+    marker = tmp_path / 'payload_ran'
+    path = str(tmp_path / 'evil.pth')
+    torch.save({'state_dict': {}, 'x': _MkdirPayload(str(marker))}, path)
+    with pytest.raises(C.UnsafeCheckpointError):
+        load_checkpoint(torch.nn.Linear(3, 2), path)
+    assert not marker.exists()
+    # and a runner checkpoint loads through mmengine's API
+    path = str(tmp_path / 'ok.pth')
+    ckpt = _runner_like_checkpoint()
+    ckpt['state_dict'] = torch.nn.Linear(3, 2).state_dict()
+    torch.save(ckpt, path)
+    model = torch.nn.Linear(3, 2)
+    load_checkpoint(model, path, strict=True)
+    assert torch.equal(model.weight, ckpt['state_dict']['weight'])
+
+
+# --------------------------------------------------------------------------
+# Downloads, served from 127.0.0.1 inside the test
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+    """(folder served over HTTP, base URL); the server stops afterwards."""
+    root = tmp_path / 'served'
+    root.mkdir()
+    handler = functools.partial(
+        _QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f'http://127.0.0.1:{server.server_address[1]}'
+    server.shutdown()
+    server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+
+    def log_message(self, *args):
+        pass
+
+
+def _publish(root, stem, payload, hash_of=None):
+    """Save ``payload`` as ``stem-<sha8>.pth``; the name's hash is that of
+    ``hash_of`` bytes if given (a tampered file)."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    digest = hashlib.sha256(hash_of if hash_of is not None else data)
+    name = f'{stem}-{digest.hexdigest()[:8]}.pth'
+    (root / name).write_bytes(data)
+    return name, data
+
+
+def test_download_verifies_sha256(http_dir, tmp_path):
+    root, base = http_dir
+    cache = str(tmp_path / 'cache')
+    weights = {'state_dict': {'w': torch.ones(3)}, 'meta': {'note': 'ok'}}
+    good, _ = _publish(root, 'good', weights)
+    ckpt = C.load_checkpoint_file(f'{base}/{good}', cache_dir=cache)
+    assert torch.equal(ckpt['state_dict']['w'], torch.ones(3))
+    assert os.listdir(cache) == [good]  # cached under its own name only
+
+    bad, _ = _publish(root, 'bad', weights, hash_of=b'something else')
+    with pytest.raises(C.CheckpointIntegrityError) as err:
+        C.load_checkpoint_file(f'{base}/{bad}', cache_dir=cache)
+    expected = bad[len('bad-'):-len('.pth')]
+    assert str(err.value).startswith(
+        f'checkpoint {base}/{bad} failed its integrity check: its name says '
+        f'the sha256 starts with {expected}')
+    assert 'The file was removed from the cache' in str(err.value)
+    assert sorted(os.listdir(cache)) == [good]  # nothing of it kept
+
+    # a cached file altered after download is refused and removed too
+    with open(osp.join(cache, good), 'ab') as f:
+        f.write(b'tampered')
+    with pytest.raises(C.CheckpointIntegrityError):
+        C.load_checkpoint_file(f'{base}/{good}', cache_dir=cache)
+    assert os.listdir(cache) == []
+
+
+def test_download_through_mmengine_and_torch_hub_cache(http_dir, tmp_path,
+                                                       monkeypatch):
+    from mmengine.runner import load_checkpoint
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    root, base = http_dir
+    model = torch.nn.Linear(3, 2)
+    name, _ = _publish(root, 'linear', {'state_dict': model.state_dict()})
+    C.install()
+    other = torch.nn.Linear(3, 2)
+    load_checkpoint(other, f'{base}/{name}', strict=True)
+    assert torch.equal(other.weight, model.weight)
+    assert osp.isfile(
+        osp.join(str(tmp_path / 'torch_home'), 'hub', 'checkpoints', name))
+
+
+def test_offline_download_fails_with_one_clear_message(tmp_path):
+    sock = socket.socket()
+    sock.bind(('127.0.0.1', 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    url = f'http://127.0.0.1:{port}/davit-tiny-0123abcd.pth'
+    cache = str(tmp_path / 'cache')
+    with pytest.raises(C.CheckpointDownloadError) as err:
+        C.load_checkpoint_file(url, cache_dir=cache)
+    msg = str(err.value)
+    assert msg.startswith(f'could not download checkpoint {url}: ')
+    assert 'Connection refused' in msg
+    assert ('fetch the file on another machine and pass its local path '
+            'instead of the URL') in msg
+    assert (f'or copy it to {osp.join(cache, "davit-tiny-0123abcd.pth")} '
+            '(its sha256 must start with 0123abcd)') in msg
+    assert os.listdir(cache) == []  # no partial file left
+
+
+def test_expected_sha256_prefix():
+    url = ('https://download.openmmlab.com/mmclassification/v0/davit/'
+           'davit-tiny_3rdparty_in1k_20221116-700fdf7d.pth')
+    assert C.expected_sha256_prefix(url) == '700fdf7d'
+    assert C.expected_sha256_prefix('http://h/model.pth') is None
+    assert C.expected_sha256_prefix('http://h/model-XYZ12345.pth') is None
