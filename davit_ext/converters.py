@@ -145,8 +145,9 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any],
     dropped.
     """
     if not isinstance(checkpoint, Mapping):
-        raise TypeError('A DaViT checkpoint must be a dict (a state dict or '
-                        f'one that holds it); got {type(checkpoint).__name__}.')
+        raise TypeError(
+            'A DaViT checkpoint must be a dict (a state dict or one that '
+            f'holds it); got {type(checkpoint).__name__}.')
     if key is not None:
         if key not in checkpoint:
             raise KeyError(f'The checkpoint has no {key!r} entry; its entries '

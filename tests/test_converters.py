@@ -191,7 +191,8 @@ def test_unknown_layout_fails_clearly(tmp_path, capsys):
     assert 'conv1.weight, fc.weight' in msg
     torch.save(resnet, tmp_path / 'r.pth')
     assert tool.main([str(tmp_path / 'r.pth'), str(tmp_path / 'o.pth')]) == 1
-    assert 'Not a DaViT state dict of a known layout' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert 'Not a DaViT state dict of a known layout' in err
     assert not (tmp_path / 'o.pth').exists()
 
 

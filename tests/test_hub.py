@@ -36,9 +36,22 @@ GOLDEN = 207
 GOLDEN_SCORE = math.exp(10) / (math.exp(10) + 999)
 
 
+# One image at a time: one thread is as fast and does not suffer from other
+# processes competing for the cores.
+ONE_THREAD = dict(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_python(code, cwd, env=None, timeout=300):
     """Run ``code`` in a fresh interpreter; return its last stdout line."""
-    full_env = dict(os.environ, **(env or {}))
+    full_env = dict(os.environ, **ONE_THREAD, **(env or {}))
     proc = subprocess.run([sys.executable, '-c', textwrap.dedent(code)],
                           cwd=cwd,
                           env=full_env,
@@ -265,6 +278,7 @@ def test_demo_script(assets):
         '--device', 'cpu'
     ],
                           cwd=str(assets['root']),
+                          env=dict(os.environ, **ONE_THREAD),
                           capture_output=True,
                           text=True,
                           timeout=300)
@@ -279,6 +293,7 @@ def test_demo_script_bad_input(assets):
         'davit-huge_nonexistent'
     ],
                           cwd=str(assets['root']),
+                          env=dict(os.environ, **ONE_THREAD),
                           capture_output=True,
                           text=True,
                           timeout=300)
@@ -291,7 +306,8 @@ def test_demo_offline_download_fails_clearly(assets):
     """No --pretrained: the metafile URL, which cannot be fetched here (a
     dead proxy makes sure of that even on a machine with network)."""
     dead = 'http://127.0.0.1:9'
-    env = dict(os.environ, TORCH_HOME=str(assets['root'] / 'offline_home'),
+    env = dict(os.environ, **ONE_THREAD,
+               TORCH_HOME=str(assets['root'] / 'offline_home'),
                HTTPS_PROXY=dead, https_proxy=dead, HTTP_PROXY=dead,
                http_proxy=dead, NO_PROXY='', no_proxy='')
     proc = subprocess.run([

@@ -33,9 +33,9 @@ def small_config(tmp_path, official):
                     f'{"-official" if official else ""}.py')
     path = tmp_path / f'small{"-official" if official else ""}.py'
     path.write_text(f'_base_ = {base!r}\n'
-                    f'model = dict(backbone=dict(arch=dict(_delete_=True, '
+                    'model = dict(backbone=dict(arch=dict(_delete_=True, '
                     f'**{SMALL_ARCH!r})),\n'
-                    '             head=dict(num_classes=10, in_channels=256))\n')
+                    '    head=dict(num_classes=10, in_channels=256))\n')
     return str(path)
 
 

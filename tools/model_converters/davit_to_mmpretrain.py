@@ -6,10 +6,10 @@ layouts.
     python tools/model_converters/davit_to_mmpretrain.py SRC DST --to timm
 
 SRC is a ``.pth``/``.pt``/``.bin`` checkpoint (file or http(s) URL) or a
-``.safetensors`` file of an
-official (github.com/dingmyu/davit), timm or mmpretrain DaViT
-classifier: a plain state dict or one wrapped under ``state_dict``, ``model`` or
-``state_dict_ema`` (``--key`` picks another). Its layout is detected. With
+``.safetensors`` file of an official (github.com/dingmyu/davit), timm or
+mmpretrain DaViT classifier: a plain state dict or one wrapped under
+``state_dict``, ``model`` or ``state_dict_ema`` (``--key`` picks another).
+Its layout is detected. With
 ``--to mmpretrain`` (the default) DST is ``{'state_dict': ..., 'meta': ...}``
 and loads with ``strict=True`` into davit_ext's (and mmpretrain's) DaViT
 classifier; ``--to timm`` / ``--to official`` write a plain state dict.
