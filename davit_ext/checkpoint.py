@@ -61,7 +61,8 @@ __all__ = [
     'CorruptCheckpointError', 'CheckpointIntegrityError',
     'CheckpointDownloadError', 'CheckpointMismatchError', 'allowed_globals',
     'safe_torch_load', 'download_checkpoint', 'load_checkpoint_file',
-    'check_state_dict_fits', 'install', 'is_installed', 'expected_sha256_prefix',
+    'check_state_dict_fits', 'install', 'is_installed',
+    'expected_sha256_prefix',
     'CACHE_SUBDIR'
 ]
 

@@ -54,7 +54,8 @@ def test_imagenet_config_builds_our_davit_with_published_params(size):
 def test_mmpretrain_get_model_builds_our_backbone_from_a_config_path():
     # mmpretrain builds under its own scope; the model's _scope_ wins.
     from mmpretrain import get_model
-    model = get_model(osp.join(ROOT, 'configs/davit/davit-tiny_4xb256_in1k.py'))
+    model = get_model(
+        osp.join(ROOT, 'configs/davit/davit-tiny_4xb256_in1k.py'))
     assert type(model.backbone) is DaViT
 
 
@@ -75,7 +76,8 @@ def test_dataset_base():
         scale=224,
         backend='pillow',
         interpolation='bicubic')
-    assert train[2] == dict(type='RandomFlip', prob=0.5, direction='horizontal')
+    assert train[2] == dict(
+        type='RandomFlip', prob=0.5, direction='horizontal')
     assert train[3] == dict(
         type='RandAugment',
         policies='timm_increasing',

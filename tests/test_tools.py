@@ -446,7 +446,8 @@ def test_digits_export(tmp_path, capsys):
     out = tmp_path / 'digits'
     convert.main([str(out), '--size', '8'])
     counts = {
-        split: sum(len(os.listdir(out / split / c)) for c in map(str, range(10)))
+        split: sum(
+            len(os.listdir(out / split / str(c))) for c in range(10))
         for split in ('train', 'val')
     }
     assert counts == {'train': 1442, 'val': 355}
@@ -455,7 +456,8 @@ def test_digits_export(tmp_path, capsys):
     zeros = np.flatnonzero(digits.target == 0)
     assert (out / 'train' / '0' / f'{zeros[0]:04d}.png').is_file()
     assert (out / 'val' / '0' / f'{zeros[4]:04d}.png').is_file()
-    pixels = np.asarray(Image.open(out / 'train' / '0' / f'{zeros[0]:04d}.png'))
+    first = out / 'train' / '0' / f'{zeros[0]:04d}.png'
+    pixels = np.asarray(Image.open(first))
     assert pixels.tolist() == np.rint(digits.images[zeros[0]] * 255 /
                                       16).astype(np.uint8).tolist()
     capsys.readouterr()

@@ -96,6 +96,12 @@ def merge_args(cfg, args):
                                 osp.splitext(osp.basename(args.config))[0])
     cfg.load_from = args.checkpoint
 
+    if (args.show or args.show_dir is not None) and args.tta:
+        raise ConfigError(
+            '--show/--show-dir cannot be combined with --tta: mmpretrain\'s '
+            'VisualizationHook draws one view per image and fails on the '
+            'augmented views of a TTA batch. Run the test twice: with --tta '
+            'for the metrics, with --show-dir for the pictures.')
     if args.show or args.show_dir is not None:
         if 'visualization' not in cfg.get('default_hooks', {}):
             raise ConfigError(
