@@ -85,11 +85,11 @@ param_scheduler = [
         end=max_epochs,
         convert_to_iter_based=True),
 ]
-train_cfg = dict(by_epoch=True, max_epochs=max_epochs, val_interval=10)
+train_cfg = dict(by_epoch=True, max_epochs=max_epochs, val_interval=max_epochs)
 auto_scale_lr = dict(base_batch_size=64)
 
 # runtime
 default_hooks = dict(
     logger=dict(interval=10),
-    checkpoint=dict(interval=10, max_keep_ckpts=2))
+    checkpoint=dict(interval=5, max_keep_ckpts=2))
 randomness = dict(seed=0, deterministic=True)
