@@ -13,8 +13,13 @@ _register_mmpretrain(init_default_scope=False)
 from . import models  # noqa: E402,F401  (registers DaViT)
 from .analysis import register_flop_handles  # noqa: E402
 from . import hub  # noqa: E402,F401  (mmpretrain's model hub serves ours)
+from . import hooks  # noqa: E402,F401  (registers RandomStateHook)
+from .checkpoint import install as _install_safe_checkpoints  # noqa: E402
 from .registry import MODELS  # noqa: E402,F401
 
 register_flop_handles()
+# mmengine's loaders, as used by the runner, get_model and inference_model,
+# load with weights_only=True and our allowlist (torch >= 2.6 checkpoints).
+_install_safe_checkpoints()
 
 __all__ = ['__version__', 'MODELS', 'models']

@@ -169,6 +169,11 @@ def allowed_globals() -> List[Union[Callable, Tuple[Callable, str]]]:
 def _unpickling_reason(err: BaseException) -> str:
     """The specific sentence of torch's weights_only error message."""
     text = str(err)
+    # torch >= 2.6 puts the refusal in the first paragraph after this marker.
+    marker = 'WeightsUnpickler error:'
+    if marker in text:
+        reason = text.split(marker, 1)[1].strip().splitlines()[0]
+        return reason.split(' Please use `torch.serialization')[0]
     parts = [p.strip() for p in text.split('\n\n') if p.strip()]
     for part in parts:
         if part.startswith('Weights only load failed') or part.startswith(
@@ -349,9 +354,10 @@ def download_checkpoint(url: str,
         raise CheckpointDownloadError(
             f'could not download checkpoint {url}: {reason}. Without network '
             f'access, fetch the file on another machine and pass its local '
-            f'path instead of the URL (e.g. tools/test.py CONFIG '
-            f'/path/to/{name}), or copy it to {dst}{hint} where it is found '
-            f'without downloading.') from None
+            f'path instead of the URL (tools/test.py CONFIG /path/to/{name}, '
+            f"or inference_model(..., pretrained='/path/to/{name}')), or "
+            f'copy it to {dst}{hint} where it is found without '
+            f'downloading.') from None
     except BaseException:
         _remove_quietly(tmp)
         raise

@@ -129,6 +129,17 @@ def test_malicious_checkpoint_refused_without_side_effect(tmp_path):
     assert 'Nothing from the file was executed' in msg
 
 
+def test_plain_foreign_class_is_refused_not_called_corrupt(tmp_path):
+    """A class torch refuses (no reduce payload) is named as unsafe."""
+    import argparse
+    path = str(tmp_path / 'namespace.pth')
+    torch.save({'state_dict': {}, 'args': argparse.Namespace(a=1)}, path)
+    with pytest.raises(C.UnsafeCheckpointError) as err:
+        C.load_checkpoint_file(path)
+    assert 'GLOBAL argparse.Namespace was not an allowed global' in str(
+        err.value)
+
+
 def test_getattr_is_only_history_buffer_statistics(tmp_path):
     path = str(tmp_path / 'getattr.pth')
     torch.save({'f': _GetattrPayload('__init__')}, path)

@@ -325,3 +325,29 @@ def test_demo_offline_download_fails_clearly(assets):
     assert 'pass the local file as --pretrained /path/to/checkpoint.pth' \
         in proc.stderr
     assert 'Traceback' not in proc.stderr
+
+
+def test_get_model_pretrained_true_offline_gives_one_clear_error(
+        monkeypatch, tmp_path):
+    """``import davit_ext`` alone routes mmpretrain's loading through ours."""
+    import urllib.error
+    import urllib.request
+
+    import torch.hub
+    from mmpretrain import get_model
+
+    from davit_ext.checkpoint import CheckpointDownloadError
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError('Name or service not known')
+
+    monkeypatch.setattr(urllib.request, 'urlopen', offline)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
+    with pytest.raises(CheckpointDownloadError) as err:
+        get_model('davit-tiny_3rdparty_in1k', pretrained=True)
+    msg = str(err.value)
+    name = 'davit-tiny_3rdparty_in1k_20221116-700fdf7d.pth'
+    assert msg.startswith('could not download checkpoint https://download.'
+                          f'openmmlab.com/mmclassification/v0/davit/{name}')
+    assert f"inference_model(..., pretrained='/path/to/{name}')" in msg
+    assert 'its sha256 must start with 700fdf7d' in msg
