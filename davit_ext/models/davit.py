@@ -492,7 +492,10 @@ class DaViTStage(nn.Module):
         use_cp = self.with_cp and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if use_cp:
-                x = checkpoint.checkpoint(block, x, use_reentrant=False)
+                # Each half of the block on its own: backward recomputes
+                # half a block at a time, which keeps less memory live.
+                for half in (block.spatial_block, block.channel_block):
+                    x = checkpoint.checkpoint(half, x, use_reentrant=False)
             else:
                 x = block(x)
         return x
