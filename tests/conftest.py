@@ -15,3 +15,13 @@ def davit_scope():
     from mmengine.registry import DefaultScope
     with DefaultScope.overwrite_default_scope('davit_ext'):
         yield
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """One torch thread for a module of single-image checks: as fast, and
+    immune to other processes competing for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -48,14 +48,7 @@ def build_ours(arch, official=True, num_classes=1000):
     return MODELS.build(cfg).eval()
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    # Single images: one thread is as fast, and immune to other processes
-    # competing for the cores (OpenMP spinning can slow 2 threads 5-10x).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
