@@ -362,3 +362,49 @@ def test_training_gradients_equal_mmpretrain(size):
         # Sums of many terms in another order: compare against the scale.
         error = (p.grad - expected).abs().max().item()
         assert error <= 1e-4 * expected.abs().max().item() + 1e-7, name
+
+
+def test_norm_ffn_function_equals_plain_ops():
+    """NormFFNFunction gives the plain ops' output and the gradients of all
+    its tensor inputs, also where only some need one."""
+    from davit_ext.models.davit import NormFFNFunction
+    torch.manual_seed(0)
+    C = 12
+    x = torch.randn(2, 5, 5, C, requires_grad=True)
+    params = [torch.randn(C) + 1, torch.randn(C), torch.randn(4 * C, C),
+              torch.randn(4 * C), torch.randn(C, 4 * C), torch.randn(C)]
+    for p in params:
+        p.requires_grad_(True)
+    nw, nb, w1, b1, w2, b2 = params
+    grad_out = torch.randn(2, 5, 5, C)
+
+    plain = torch.nn.functional.layer_norm(x, (C, ), nw, nb, 1e-5)
+    plain = torch.nn.functional.gelu(plain @ w1.t() + b1) @ w2.t() + b2
+    expected = torch.autograd.grad(plain, [x] + params, grad_out)
+
+    out = NormFFNFunction.apply(x, nw, nb, 1e-5, w1, b1, w2, b2)
+    grads = torch.autograd.grad(out, [x] + params, grad_out)
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # Only some inputs needing a gradient (frozen weights, frozen input).
+    (gx, ) = torch.autograd.grad(
+        NormFFNFunction.apply(x, nw.detach(), nb.detach(), 1e-5, w1.detach(),
+                              b1.detach(), w2.detach(), b2.detach()),
+        [x], grad_out)
+    torch.testing.assert_close(gx, expected[0], rtol=1e-4, atol=1e-4)
+
+
+def test_inference_chunks_equal_one_pass(monkeypatch):
+    """The chunked inference path (FFN and window attention written into
+    one output) equals the model run in one pass."""
+    import davit_ext.models.davit as davit_module
+    model = DaViT(arch=SMALL_ARCH).eval()
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        monkeypatch.setattr(davit_module, 'chunk_tokens', lambda t: None)
+        expected = model(x)
+        monkeypatch.setattr(davit_module, 'chunk_tokens', lambda t: 100)
+        got = model(x)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
