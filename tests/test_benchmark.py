@@ -28,8 +28,8 @@ def result(tmp_path_factory):
     out = tmp_path_factory.mktemp('bench') / 'bench.json'
     load_tool().main([
         '--arch', TINY, '--batch', '1', '--img-size', '112', '--iters', '1',
-        '--warmup', '0', '--threads', '1', '--with-cp', '--json',
-        str(out)
+        '--warmup', '0', '--threads', '1', '--with-cp', '--profile', '5',
+        '--json', str(out)
     ])
     with open(out) as f:
         return json.load(f)
@@ -49,6 +49,16 @@ def test_json_fields(result):
     assert res['ours-cp']['train_peak_mb'] > 0
     assert 'infer_img_s' not in res['ours-cp']
     assert 0 < res['ours-cp']['train_peak_vs_ours']
+
+
+def test_profile_shares(result):
+    prof = result['results']['ours']['infer_profile']
+    shares = dict(prof['ops'])
+    assert sum(shares.values()) == pytest.approx(1.0)
+    # The linear layers run as addmm: part of the GEMM share.
+    assert 0 < shares['aten::addmm'] <= prof['gemm_share'] < 1
+    assert 'infer_profile' in result['results']['timm']
+    assert 'infer_profile' not in result['results']['ours-cp']
 
 
 def test_outputs_checked_before_timing(result):

@@ -41,6 +41,10 @@ medians and ratios of ours to each peer. Measured:
     (oneDNN scratch, Python objects) is not counted either. Unlike the
     process's max RSS, it does not depend on what ran before in the process.
 
+``--profile N`` (CPU) then profiles each eager candidate's inference with
+``torch.profiler`` and prints the share of self CPU time spent in matrix
+products (``GEMM_OPS``) and its top N ops: what explains the ratios.
+
 Example (the README's Performance table)::
 
     python tools/analysis_tools/benchmark.py --arch t --batch 8 --threads 2 \
@@ -157,6 +161,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help='max |logit difference| allowed by the checks (default 1e-4 '
         'for fp32, 5e-2 under autocast)')
     p.add_argument('--no-check', action='store_true')
+    p.add_argument(
+        '--profile',
+        type=int,
+        default=0,
+        metavar='N',
+        help='CPU: after timing, profile each eager candidate\'s inference '
+        '(torch.profiler, self CPU time) and print its GEMM share and top N '
+        'ops')
     p.add_argument('--json', default=None, help='write the results here')
     return p.parse_args(argv)
 
@@ -436,6 +448,31 @@ def quiet_stderr():
             os.close(saved)
 
 
+# Matrix products, whichever library runs them: what no fusion removes.
+GEMM_OPS = ('aten::addmm', 'aten::mm', 'aten::bmm', 'aten::baddbmm',
+            'aten::addmm_', 'mkl::_mkl_linear', 'mkldnn::_linear_pointwise')
+
+
+def profile_ops(fn: Callable, rounds: int = 3) -> Dict:
+    """Self CPU time shares of the ops ``fn`` runs (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(rounds):
+            fn()
+    self_us = {
+        e.key: e.self_cpu_time_total
+        for e in prof.key_averages() if e.self_cpu_time_total > 0
+    }
+    total = sum(self_us.values())
+    shares = sorted(((k, v / total) for k, v in self_us.items()),
+                    key=lambda kv: -kv[1])
+    return dict(
+        ms_per_round=total / rounds / 1e3,
+        gemm_share=sum(v for k, v in shares if k in GEMM_OPS),
+        ops=shares)
+
+
 def peak_memory(fn: Callable, device: torch.device) -> float:
     """Peak bytes allocated by ``fn`` above what was live before (see top)."""
     if device.type == 'cuda':
@@ -585,6 +622,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                 results[n]['infer_peak_mb'] = peak_memory(
                     lambda: r.infer(x), device) / 2**20
 
+    if args.profile and device.type == 'cpu':
+        for n, r in runners.items():
+            if n not in ('ours-cp', 'ours+compile'):
+                results[n]['infer_profile'] = profile_ops(lambda: r.infer(x))
+    elif args.profile:
+        notes.append('--profile reads CPU time: skipped on ' + device.type)
+
     peers = [p for p in PEERS if p in results]
     for metric, higher in (('infer_img_s', True), ('train_img_s', True),
                            ('train_peak_mb', False), ('infer_peak_mb',
@@ -614,6 +658,14 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         if 'train_peak_vs_ours' in res:
             print(f"{name}: training peak memory "
                   f"{res['train_peak_vs_ours']:.2f}x ours (with_cp=False)")
+    for name, res in results.items():
+        prof = res.get('infer_profile')
+        if prof:
+            top = ', '.join(f'{k} {v:.1%}'
+                            for k, v in prof['ops'][:args.profile])
+            print(f"profile {name} inference (self CPU, "
+                  f"{prof['ms_per_round']:.0f} ms/batch under the profiler): "
+                  f"GEMM {prof['gemm_share']:.1%}; {top}")
     for note in notes:
         print('note:', note)
 
