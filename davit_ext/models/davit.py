@@ -393,19 +393,15 @@ class AttentionBlock(nn.Module):
         return self.ffn(x, self.norm2, residual=True)
 
     def add_branch(self, x: Tensor, branch: Tensor) -> Tensor:
-        """``x + drop_path(branch)`` as a contiguous (B, H, W, C) map.
+        """``x + drop_path(branch)`` as a new contiguous (B, H, W, C) map.
 
         ``branch`` is (B, H, W, C), or the same map split into windows,
         (B, nh, wh, nw, ww, C), as the window attention returns it: the add
-        then merges the windows on the way. ``x`` is the block's own map
-        (a CPE output): at inference the sum is written into it.
+        then merges the windows on the way.
         """
-        branch = drop_path(branch, self.drop_path, self.training)
-        if torch.is_grad_enabled() or torch.jit.is_tracing():
-            return (x.view(branch.shape) + branch).view(x.shape)
-        # No new map: a fresh CPU tensor this size costs page faults.
-        x.view(branch.shape).add_(branch)
-        return x
+        out = x.view(branch.shape) + drop_path(branch, self.drop_path,
+                                               self.training)
+        return out.view(x.shape)
 
 
 class DaViTBlock(nn.Module):

@@ -663,8 +663,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         if prof:
             top = ', '.join(f'{k} {v:.1%}'
                             for k, v in prof['ops'][:args.profile])
-            print(f"profile {name} inference (self CPU, "
-                  f"{prof['ms_per_round']:.0f} ms/batch under the profiler): "
+            # Shares only: each profile runs at its own moment, so their
+            # absolute times are not comparable (the timed rounds are).
+            print(f"profile {name} inference (self CPU time): "
                   f"GEMM {prof['gemm_share']:.1%}; {top}")
     for note in notes:
         print('note:', note)
