@@ -30,6 +30,11 @@ from mmengine.utils.dl_utils.parrots_wrapper import _BatchNorm
 from mmpretrain.models.backbones.base_backbone import BaseBackbone
 from torch import Tensor
 
+try:
+    from torch.compiler import is_compiling as _is_compiling
+except ImportError:  # torch < 2.3
+    from torch._dynamo import is_compiling as _is_compiling
+
 from davit_ext.registry import MODELS
 
 
@@ -77,6 +82,13 @@ class ConvPosEnc(nn.Module):
         return out.permute(0, 2, 3, 1)
 
 
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled('cpu')
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled()
+
+
 def chunk_tokens(x: Tensor) -> Optional[int]:
     """Rows per chunk where per-token ops run a chunk at a time, or None.
 
@@ -86,8 +98,7 @@ def chunk_tokens(x: Tensor) -> Optional[int]:
     maps are small and this is about a single chunk. GPUs, autocast and
     tracers run in one pass.
     """
-    if (x.device.type != 'cpu' or torch.is_autocast_enabled('cpu')
-            or torch.jit.is_tracing()):
+    if x.device.type != 'cpu' or _cpu_autocast() or torch.jit.is_tracing():
         return None
     return max(1024, 8 * x.shape[-1])
 
@@ -294,7 +305,7 @@ class WindowAttention(nn.Module):
         # Compiled graphs attend in one pass: inductor fuses the partition
         # with its neighbours (measured faster than in chunks there).
         if (torch.is_grad_enabled() or step is None
-                or torch.compiler.is_compiling()):
+                or _is_compiling()):
             out = self.w_msa(windows)
         else:
             # Inference: groups of windows, so that qkv, the attention and
