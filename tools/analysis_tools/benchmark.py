@@ -48,7 +48,7 @@ products (``GEMM_OPS``) and its top N ops: what explains the ratios.
 Example (the README's Performance table)::
 
     python tools/analysis_tools/benchmark.py --arch t --batch 8 --threads 2 \
-        --compile --with-cp --json work_dirs/benchmark_tiny.json
+        --compile --with-cp --profile 8 --json work_dirs/benchmark_tiny.json
 
 This is a tool, not a test: timings on a shared machine are noisy, only
 ratios from one interleaved run mean anything.
