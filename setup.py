@@ -4,7 +4,6 @@ import os.path as osp
 import shutil
 import sys
 from importlib import metadata
-
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
@@ -25,8 +24,8 @@ def has_full_mmcv() -> bool:
     """True if a full (compiled) ``mmcv`` distribution is installed.
 
     mmcv and mmcv-lite both provide the ``mmcv`` module: requiring mmcv-lite
-    next to a user's full mmcv would overwrite it, so we only ask for
-    mmcv-lite when no full mmcv is there.
+    next to a user's full mmcv would overwrite it, so we only ask for mmcv-lite
+    when no full mmcv is there.
     """
     try:
         metadata.version('mmcv')
@@ -36,10 +35,12 @@ def has_full_mmcv() -> bool:
 
 
 def requirements():
-    reqs = ['torch', 'torchvision', 'mmengine>=0.10.7,<1.0',
-            'mmpretrain>=1.2.0,<2.0']
-    reqs.append('mmcv>=2.0.0,<2.3.0' if has_full_mmcv() else
-                'mmcv-lite>=2.0.0,<2.3.0')
+    reqs = [
+        'torch', 'torchvision', 'mmengine>=0.10.7,<1.0',
+        'mmpretrain>=1.2.0,<2.0'
+    ]
+    reqs.append(
+        'mmcv>=2.0.0,<2.3.0' if has_full_mmcv() else 'mmcv-lite>=2.0.0,<2.3.0')
     return reqs
 
 
@@ -69,8 +70,8 @@ def link_mim_for_develop():
 
     Links are made for every entry of MIM_FILES, even one that does not exist
     yet, so files added after the install are found too (davit_ext.hub also
-    falls back to the source tree). A copied folder left by an earlier
-    non-editable build is replaced by a link.
+    falls back to the source tree). A copied folder left by an earlier non-
+    editable build is replaced by a link.
     """
     mim = osp.join(HERE, 'davit_ext', '.mim')
     os.makedirs(mim, exist_ok=True)
@@ -92,8 +93,8 @@ setup(
     name='davit_ext',
     version=read_version(),
     description='DaViT (Dual Attention Vision Transformers) for mmpretrain',
-    long_description=open(osp.join(HERE, 'README.md')).read()
-    if osp.exists(osp.join(HERE, 'README.md')) else '',
+    long_description=open(osp.join(HERE, 'README.md')).read() if osp.exists(
+        osp.join(HERE, 'README.md')) else '',
     long_description_content_type='text/markdown',
     keywords='computer vision, image classification, DaViT, mmpretrain',
     packages=find_packages(exclude=('configs', 'tools', 'tests', 'demo')),
@@ -103,8 +104,8 @@ setup(
     python_requires='>=3.8',
     install_requires=requirements(),
     extras_require={
-        'tests': ['pytest', 'timm>=1.0', 'scikit-learn', 'onnx',
-                  'onnxruntime'],
+        'tests':
+        ['pytest', 'timm>=1.0', 'scikit-learn', 'onnx', 'onnxruntime'],
     },
     classifiers=[
         'Programming Language :: Python :: 3',

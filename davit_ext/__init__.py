@@ -10,10 +10,10 @@ from .version import __version__
 
 _register_mmpretrain(init_default_scope=False)
 
+from . import hooks  # noqa: E402,F401  (registers RandomStateHook)
+from . import hub  # noqa: E402,F401  (mmpretrain's model hub serves ours)
 from . import models  # noqa: E402,F401  (registers DaViT)
 from .analysis import register_flop_handles  # noqa: E402
-from . import hub  # noqa: E402,F401  (mmpretrain's model hub serves ours)
-from . import hooks  # noqa: E402,F401  (registers RandomStateHook)
 from .checkpoint import install as _install_safe_checkpoints  # noqa: E402
 from .registry import MODELS  # noqa: E402,F401
 

@@ -62,8 +62,7 @@ __all__ = [
     'CheckpointDownloadError', 'CheckpointMismatchError', 'allowed_globals',
     'safe_torch_load', 'download_checkpoint', 'load_checkpoint_file',
     'check_state_dict_fits', 'install', 'is_installed',
-    'expected_sha256_prefix',
-    'CACHE_SUBDIR'
+    'expected_sha256_prefix', 'CACHE_SUBDIR'
 ]
 
 #: Sub-folder of ``torch.hub.get_dir()`` holding downloaded checkpoints.
@@ -77,8 +76,11 @@ _CHUNK = 1 << 20
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used. The message says what, where, and what
-    to do; tools print it alone, without a traceback."""
+    """A checkpoint cannot be used.
+
+    The message says what, where, and what to do; tools print it alone, without
+    a traceback.
+    """
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
@@ -129,8 +131,8 @@ def _describe(obj: Any) -> str:
 def allowed_globals() -> List[Union[Callable, Tuple[Callable, str]]]:
     """Globals allowed on top of torch's ``weights_only`` defaults.
 
-    Entries are objects or ``(object, 'pickled.module.name')`` pairs, the
-    form ``torch.serialization.safe_globals`` takes.
+    Entries are objects or ``(object, 'pickled.module.name')`` pairs, the form
+    ``torch.serialization.safe_globals`` takes.
     """
     import numpy as np
     from mmengine.logging.history_buffer import HistoryBuffer
@@ -239,8 +241,8 @@ def safe_torch_load(file: Union[str, os.PathLike, Any],
             ) from None
         raise _corrupt(source, reason) from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError,
-            zipfile.BadZipFile, UnicodeDecodeError, IndexError,
-            AttributeError, TypeError) as err:
+            zipfile.BadZipFile, UnicodeDecodeError, IndexError, AttributeError,
+            TypeError) as err:
         if isinstance(err, CheckpointError):
             raise
         reason = str(err).split('. This is an internal')[0] or \
@@ -402,9 +404,9 @@ def load_checkpoint_file(path_or_url: str,
                          progress: Optional[bool] = None) -> Any:
     """Load a checkpoint from a local path or an http(s) URL, safely.
 
-    URLs go through :func:`download_checkpoint` (cache + sha256 check),
-    every file through :func:`safe_torch_load`. Returns what the file holds
-    (a dict for mmengine and published checkpoints).
+    URLs go through :func:`download_checkpoint` (cache + sha256 check), every
+    file through :func:`safe_torch_load`. Returns what the file holds (a dict
+    for mmengine and published checkpoints).
     """
     if _is_url(path_or_url):
         local = download_checkpoint(path_or_url, cache_dir, progress)
@@ -512,8 +514,8 @@ def load_from_http(filename: str, map_location: Any = None) -> Any:
 def install() -> None:
     """Make mmengine load local and http(s) checkpoints through this module.
 
-    Idempotent. Other schemes (``open-mmlab://``, ``s3://``...) keep
-    mmengine's loaders (torch's plain ``weights_only`` default applies).
+    Idempotent. Other schemes (``open-mmlab://``, ``s3://``...) keep mmengine's
+    loaders (torch's plain ``weights_only`` default applies).
     """
     from mmengine.runner.checkpoint import CheckpointLoader
     if is_installed():

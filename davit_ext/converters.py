@@ -243,11 +243,9 @@ def _rename(key: str, i_src: int, i_dst: int,
         if 'last' in fields and int(fields['last']) != num_stages - 1:
             return None  # a norm of another stage: not the classifier's
         # Shared values: undo the "minus one" of ``*_1`` fields.
-        shared = {
-            (k[:-2] if k.endswith('_1') else k):
-            (str(int(v) + 1) if k.endswith('_1') else v)
-            for k, v in fields.items()
-        }
+        shared = {(k[:-2] if k.endswith('_1') else k):
+                  (str(int(v) + 1) if k.endswith('_1') else v)
+                  for k, v in fields.items()}
         shared['last'] = str(num_stages - 1)
         if 'd' in shared:
             shared['d_1'] = str(int(shared['d']) - 1)
@@ -257,9 +255,9 @@ def _rename(key: str, i_src: int, i_dst: int,
     return None
 
 
-def mmpretrain_to_timm(state_dict: Mapping[str, Tensor],
-                       num_stages: Optional[int] = None
-                       ) -> 'OrderedDict[str, Tensor]':
+def mmpretrain_to_timm(
+        state_dict: Mapping[str, Tensor],
+        num_stages: Optional[int] = None) -> 'OrderedDict[str, Tensor]':
     """Rename an mmpretrain DaViT classifier state dict to timm's layout.
 
     The output norm ``backbone.norm{num_stages - 1}`` becomes ``head.norm``.
@@ -268,36 +266,36 @@ def mmpretrain_to_timm(state_dict: Mapping[str, Tensor],
     return convert(state_dict, 'timm', 'mmpretrain', num_stages)
 
 
-def timm_to_mmpretrain(state_dict: Mapping[str, Tensor],
-                       num_stages: Optional[int] = None
-                       ) -> 'OrderedDict[str, Tensor]':
+def timm_to_mmpretrain(
+        state_dict: Mapping[str, Tensor],
+        num_stages: Optional[int] = None) -> 'OrderedDict[str, Tensor]':
     """Rename a timm ``DaVit`` state dict to the mmpretrain layout."""
     return convert(state_dict, 'mmpretrain', 'timm', num_stages)
 
 
-def official_to_mmpretrain(state_dict: Mapping[str, Tensor],
-                           num_stages: Optional[int] = None
-                           ) -> 'OrderedDict[str, Tensor]':
+def official_to_mmpretrain(
+        state_dict: Mapping[str, Tensor],
+        num_stages: Optional[int] = None) -> 'OrderedDict[str, Tensor]':
     """Rename an official (dingmyu/davit) state dict to mmpretrain's."""
     return convert(state_dict, 'mmpretrain', 'official', num_stages)
 
 
-def mmpretrain_to_official(state_dict: Mapping[str, Tensor],
-                           num_stages: Optional[int] = None
-                           ) -> 'OrderedDict[str, Tensor]':
+def mmpretrain_to_official(
+        state_dict: Mapping[str, Tensor],
+        num_stages: Optional[int] = None) -> 'OrderedDict[str, Tensor]':
     """Rename an mmpretrain DaViT state dict to the official layout."""
     return convert(state_dict, 'official', 'mmpretrain', num_stages)
 
 
-def official_to_timm(state_dict: Mapping[str, Tensor],
-                     num_stages: Optional[int] = None
-                     ) -> 'OrderedDict[str, Tensor]':
+def official_to_timm(
+        state_dict: Mapping[str, Tensor],
+        num_stages: Optional[int] = None) -> 'OrderedDict[str, Tensor]':
     """Rename an official (dingmyu/davit) state dict to timm's layout."""
     return convert(state_dict, 'timm', 'official', num_stages)
 
 
-def timm_to_official(state_dict: Mapping[str, Tensor],
-                     num_stages: Optional[int] = None
-                     ) -> 'OrderedDict[str, Tensor]':
+def timm_to_official(
+        state_dict: Mapping[str, Tensor],
+        num_stages: Optional[int] = None) -> 'OrderedDict[str, Tensor]':
     """Rename a timm ``DaVit`` state dict to the official layout."""
     return convert(state_dict, 'official', 'timm', num_stages)

@@ -105,10 +105,10 @@ class RandomStateHook(Hook):
         ckpt = self._checkpoint_hook(runner)
         if ckpt is None or ckpt.by_epoch:
             return
-        if ckpt.every_n_train_iters(runner, ckpt.interval,
-                                    ckpt.save_begin) or (
-                                        ckpt.save_last
-                                        and ckpt.is_last_train_iter(runner)):
+        if ckpt.every_n_train_iters(
+                runner, ckpt.interval,
+                ckpt.save_begin) or (ckpt.save_last
+                                     and ckpt.is_last_train_iter(runner)):
             self._capture()
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:

@@ -71,8 +71,7 @@ def _load_models() -> Dict[str, object]:
         index.build_models_with_collections()
         models = {}
         for metainfo in index.models:
-            if metainfo.config is not None and not osp.isabs(
-                    metainfo.config):
+            if metainfo.config is not None and not osp.isabs(metainfo.config):
                 metainfo.config = osp.join(root, metainfo.config)
             models[metainfo.name.lower()] = metainfo
         _models = models
@@ -119,14 +118,17 @@ def _scoped(config: Config) -> Config:
 def load_config(path: str) -> Config:
     """``Config.fromfile(path)`` with the model marked for its own scope.
 
-    Use it to hand one of our config files to ``get_model``, which builds
-    under the ``mmpretrain`` scope otherwise.
+    Use it to hand one of our config files to ``get_model``, which builds under
+    the ``mmpretrain`` scope otherwise.
     """
     return _scoped(Config.fromfile(path))
 
 
 def install() -> None:
-    """Hook our models into mmpretrain's ``ModelHub``. Idempotent."""
+    """Hook our models into mmpretrain's ``ModelHub``.
+
+    Idempotent.
+    """
     register = ModelHub.__dict__['_register_mmpretrain_models'].__func__
     if getattr(register, '_davit_ext', False):
         return

@@ -1,8 +1,8 @@
 """Checks davit_ext's tools run before any work is done or any file written.
 
-Each problem raises one exception whose message says what is wrong, where,
-and what to do; the tools print it alone (no traceback) and exit with
-status 2. :data:`USER_ERRORS` lists the exception types concerned.
+Each problem raises one exception whose message says what is wrong, where, and
+what to do; the tools print it alone (no traceback) and exit with status 2.
+:data:`USER_ERRORS` lists the exception types concerned.
 """
 import gc
 import os.path as osp
@@ -10,18 +10,17 @@ from typing import Any, Iterator, Optional, Sequence, Tuple
 
 from davit_ext.checkpoint import (CheckpointError, check_state_dict_fits,
                                   load_checkpoint_file)
+from davit_ext.runtime import LauncherError
 
 
 class CheckpointStateError(CheckpointError):
     """A checkpoint lacks the training state that resuming needs."""
 
-from davit_ext.runtime import LauncherError
 
 __all__ = [
     'ConfigError', 'DatasetNotFoundError', 'CheckpointStateError',
-    'USER_ERRORS', 'check_datasets',
-    'check_checkpoint', 'check_config_path', 'run_tool',
-    'DATASET_PREPARE_URL'
+    'USER_ERRORS', 'check_datasets', 'check_checkpoint', 'check_config_path',
+    'run_tool', 'DATASET_PREPARE_URL'
 ]
 
 DATASET_PREPARE_URL = ('https://mmpretrain.readthedocs.io/en/latest/'
@@ -79,15 +78,14 @@ def check_datasets(cfg: Any, loaders: Sequence[str]) -> None:
 
     Checks, for each ``cfg[loader].dataset`` (through dataset wrappers):
     ``data_root``; ``ann_file`` and ``data_prefix`` (a string or the
-    ``img_path`` of a dict), relative to ``data_root``; and for datasets
-    given as ``split=...`` (ImageNet), the split's image folder.
+    ``img_path`` of a dict), relative to ``data_root``; and for datasets given
+    as ``split=...`` (ImageNet), the split's image folder.
     """
     for loader in loaders:
         loader_cfg = cfg.get(loader)
         if not loader_cfg or 'dataset' not in loader_cfg:
             continue
-        for ds, where in _datasets(loader_cfg['dataset'],
-                                   f'{loader}.dataset'):
+        for ds, where in _datasets(loader_cfg['dataset'], f'{loader}.dataset'):
             root = ds.get('data_root') or ''
             if root and not osp.isdir(root):
                 raise DatasetNotFoundError(
@@ -113,10 +111,10 @@ def check_checkpoint(cfg: Any,
                      checkpoint: str,
                      strict: bool = True,
                      resume: bool = False) -> None:
-    """Load ``checkpoint`` (path or URL) safely and check it fits the
-    model of ``cfg``: same keys and shapes when ``strict`` (resume, test),
-    compatible shapes and some shared keys otherwise (fine-tuning). With
-    ``resume``, it must also hold the training state mmengine resumes.
+    """Load ``checkpoint`` (path or URL) safely and check it fits the model of
+    ``cfg``: same keys and shapes when ``strict`` (resume, test), compatible
+    shapes and some shared keys otherwise (fine-tuning). With ``resume``, it
+    must also hold the training state mmengine resumes.
 
     Raises a :class:`~davit_ext.checkpoint.CheckpointError` subclass.
     """
@@ -144,8 +142,10 @@ def check_checkpoint(cfg: Any,
 
 def _check_training_state(ckpt: Any, source: str) -> None:
     meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
-    missing = [k for k in ('epoch', 'iter')
-               if not isinstance(meta, dict) or k not in meta]
+    missing = [
+        k for k in ('epoch', 'iter')
+        if not isinstance(meta, dict) or k not in meta
+    ]
     if not isinstance(ckpt, dict) or 'message_hub' not in ckpt:
         missing.append('message_hub')
     if missing:
@@ -174,8 +174,7 @@ def check_config_path(path: str) -> str:
 
 def run_tool(main: Any) -> Any:
     """Call ``main()``; a :data:`USER_ERRORS` exception becomes one line on
-    stderr (printed by rank 0 only in distributed runs) and exit status 2.
-    """
+    stderr (printed by rank 0 only in distributed runs) and exit status 2."""
     import sys
 
     from davit_ext.runtime import process_rank

@@ -1,12 +1,12 @@
 """Device and distributed set-up for davit_ext's tools, with or without GPU.
 
 mmengine assumes a GPU once a launcher is used: ``init_dist`` calls
-``torch.cuda.set_device`` for every launcher and the runner wraps the model
-in DDP with CUDA ``device_ids``, whatever ``env_cfg.dist_cfg.backend`` says.
-On a machine without CUDA, :func:`adapt_config_to_device` switches a config
-to the ``gloo`` backend and a CPU DDP wrapper, and :func:`init_distributed`
-starts the process group itself (the runner then sees it and does not call
-``init_dist``). On a machine with CUDA both leave everything to mmengine.
+``torch.cuda.set_device`` for every launcher and the runner wraps the model in
+DDP with CUDA ``device_ids``, whatever ``env_cfg.dist_cfg.backend`` says. On a
+machine without CUDA, :func:`adapt_config_to_device` switches a config to the
+``gloo`` backend and a CPU DDP wrapper, and :func:`init_distributed` starts the
+process group itself (the runner then sees it and does not call ``init_dist``).
+On a machine with CUDA both leave everything to mmengine.
 """
 import datetime
 import os
@@ -35,8 +35,8 @@ def has_cuda() -> bool:
 
 
 def process_rank() -> int:
-    """This process's global rank from the launcher's environment (0 if
-    none); usable before the process group exists."""
+    """This process's global rank from the launcher's environment (0 if none);
+    usable before the process group exists."""
     for var in ('RANK', 'SLURM_PROCID', 'OMPI_COMM_WORLD_RANK'):
         if os.environ.get(var, '').isdigit():
             return int(os.environ[var])
@@ -57,7 +57,7 @@ def adapt_config_to_device(cfg) -> List[str]:
     env_cfg = cfg.setdefault('env_cfg', {})
     dist_cfg = env_cfg.setdefault('dist_cfg', {})
     if dist_cfg.get('backend', 'nccl') not in ('gloo', 'mpi'):
-        notes.append(f"env_cfg.dist_cfg.backend: "
+        notes.append(f'env_cfg.dist_cfg.backend: '
                      f"{dist_cfg.get('backend', 'nccl')!r} -> 'gloo'")
         dist_cfg['backend'] = 'gloo'
     if cfg.get('launcher', 'none') != 'none':
@@ -107,10 +107,10 @@ def init_distributed(launcher: str, dist_cfg: dict) -> None:
         kwargs['timeout'] = datetime.timedelta(seconds=dist_cfg['timeout'])
     backend = dist_cfg.get('backend', 'gloo')
     if launcher == 'pytorch':
-        _require(['RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR',
-                  'MASTER_PORT'],
-                 'Start distributed jobs with torchrun, e.g. '
-                 'bash tools/dist_train.sh CONFIG NUM_PROCESSES.')
+        _require(
+            ['RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'],
+            'Start distributed jobs with torchrun, e.g. '
+            'bash tools/dist_train.sh CONFIG NUM_PROCESSES.')
     elif launcher == 'slurm':
         env = _require(['SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NODELIST'],
                        'Start slurm jobs with srun, e.g. '

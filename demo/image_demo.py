@@ -71,8 +71,10 @@ def main(argv=None) -> int:
             show=args.show,
             show_dir=args.show_dir)
     except checkpoint.CheckpointDownloadError as e:
-        print(f'error: {e}\nWith this demo, pass the local file as '
-              '--pretrained /path/to/checkpoint.pth.', file=sys.stderr)
+        print(
+            f'error: {e}\nWith this demo, pass the local file as '
+            '--pretrained /path/to/checkpoint.pth.',
+            file=sys.stderr)
         return 1
     except (OSError, RuntimeError, ValueError) as e:
         # Unknown model names, unreadable checkpoints: the message says what

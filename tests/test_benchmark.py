@@ -1,8 +1,8 @@
 """Smoke test of tools/analysis_tools/benchmark.py: it runs and writes JSON.
 
 Not a speed test: a tiny custom arch, batch 1, one timed round. What it does
-check for real is that the peers get the same weights (the tool's output
-checks pass) and that each figure the README quotes is there.
+check for real is that the peers get the same weights (the tool's output checks
+pass) and that each figure the README quotes is there.
 """
 import importlib.util
 import json
@@ -29,7 +29,8 @@ def result(tmp_path_factory):
     load_tool().main([
         '--arch', TINY, '--batch', '1', '--img-size', '112', '--iters', '1',
         '--warmup', '0', '--threads', '1', '--with-cp', '--profile', '5',
-        '--json', str(out)
+        '--json',
+        str(out)
     ])
     with open(out) as f:
         return json.load(f)

@@ -30,8 +30,8 @@ class _MkdirPayload:
 
 
 class _GetattrPayload:
-    """Pickles as ``getattr(HistoryBuffer, name)``: only the statistics
-    methods mmengine pickles this way may load."""
+    """Pickles as ``getattr(HistoryBuffer, name)``: only the statistics methods
+    mmengine pickles this way may load."""
 
     def __init__(self, name):
         self.name = name
@@ -86,8 +86,7 @@ def test_runner_checkpoint_loads_with_its_types(tmp_path):
     assert buf.data[0].tolist() == [0.5, 0.25, 0.125]
     assert buf.mean() == pytest.approx(0.875 / 3)
     assert ckpt['message_hub']['runtime_info']['eta'] == np.float64(1.5)
-    assert torch.equal(ckpt['state_dict']['w'],
-                       torch.arange(6.).reshape(2, 3))
+    assert torch.equal(ckpt['state_dict']['w'], torch.arange(6.).reshape(2, 3))
     assert ckpt['meta']['dataset_meta']['classes'] == ('0', '1')
 
 
@@ -109,9 +108,8 @@ def test_allowlist_is_explicit():
         'numpy.dtypes.Int64DType',
         'numpy.ndarray',
     ]
-    getattr_standin = dict(
-        (e[1], e[0]) for e in C.allowed_globals()
-        if isinstance(e, tuple))['builtins.getattr']
+    getattr_standin = dict((e[1], e[0]) for e in C.allowed_globals()
+                           if isinstance(e, tuple))['builtins.getattr']
     assert getattr_standin is not getattr
 
 
@@ -145,7 +143,7 @@ def test_getattr_is_only_history_buffer_statistics(tmp_path):
     torch.save({'f': _GetattrPayload('__init__')}, path)
     with pytest.raises(C.UnsafeCheckpointError) as err:
         C.load_checkpoint_file(path)
-    assert ("getattr(mmengine.logging.history_buffer.HistoryBuffer, "
+    assert ('getattr(mmengine.logging.history_buffer.HistoryBuffer, '
             "'__init__') is not allowed") in str(err.value)
     # the statistics methods do load, as mmengine's checkpoints need
     torch.save({'f': _GetattrPayload('mean')}, path)
@@ -157,7 +155,7 @@ def test_missing_truncated_and_foreign_files(tmp_path):
     with pytest.raises(C.CheckpointNotFoundError) as err:
         C.load_checkpoint_file(missing)
     assert str(err.value) == (
-        f"checkpoint {missing!r} does not exist (looked in {missing!r}). "
+        f'checkpoint {missing!r} does not exist (looked in {missing!r}). '
         'Check the path, or give an http(s) URL of a published checkpoint.')
 
     buf = io.BytesIO()
@@ -181,11 +179,19 @@ def test_missing_truncated_and_foreign_files(tmp_path):
 
 def test_state_dict_fit_check():
     model = torch.nn.Sequential(torch.nn.Linear(3, 2))
-    good = {'state_dict': {'module.0.weight': torch.zeros(2, 3),
-                           '0.bias': torch.zeros(2)}}
+    good = {
+        'state_dict': {
+            'module.0.weight': torch.zeros(2, 3),
+            '0.bias': torch.zeros(2)
+        }
+    }
     C.check_state_dict_fits(model, good, 'good.pth')
-    bad = {'state_dict': {'0.weight': torch.zeros(4, 3),
-                          'head.fc.bias': torch.zeros(4)}}
+    bad = {
+        'state_dict': {
+            '0.weight': torch.zeros(4, 3),
+            'head.fc.bias': torch.zeros(4)
+        }
+    }
     with pytest.raises(C.CheckpointMismatchError) as err:
         C.check_state_dict_fits(model, bad, 'bad.pth', model_name='M')
     assert str(err.value) == (
@@ -235,8 +241,7 @@ def http_dir(tmp_path):
     """(folder served over HTTP, base URL); the server stops afterwards."""
     root = tmp_path / 'served'
     root.mkdir()
-    handler = functools.partial(
-        _QuietHandler, directory=str(root))
+    handler = functools.partial(_QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -108,8 +108,7 @@ def test_dataset_base():
 def test_schedule_and_runtime_bases():
     cfg = _config('configs/_base_/schedules/imagenet_bs1024_adamw_swin.py')
     assert cfg.optim_wrapper.optimizer == dict(
-        type='AdamW', lr=1e-3, weight_decay=0.05, eps=1e-8,
-        betas=(0.9, 0.999))
+        type='AdamW', lr=1e-3, weight_decay=0.05, eps=1e-8, betas=(0.9, 0.999))
     pw = cfg.optim_wrapper.paramwise_cfg
     assert (pw.norm_decay_mult, pw.bias_decay_mult,
             pw.flat_decay_mult) == (0.0, 0.0, 0.0)
@@ -118,19 +117,22 @@ def test_schedule_and_runtime_bases():
         '.relative_position_bias_table': dict(decay_mult=0.0)
     }
     assert cfg.param_scheduler == [
-        dict(type='LinearLR', start_factor=1e-3, by_epoch=True, end=20,
-             convert_to_iter_based=True),
+        dict(
+            type='LinearLR',
+            start_factor=1e-3,
+            by_epoch=True,
+            end=20,
+            convert_to_iter_based=True),
         dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=True, begin=20)
     ]
-    assert cfg.train_cfg == dict(by_epoch=True, max_epochs=300,
-                                 val_interval=1)
+    assert cfg.train_cfg == dict(by_epoch=True, max_epochs=300, val_interval=1)
     assert cfg.auto_scale_lr == dict(base_batch_size=1024)
 
     rt = _config('configs/_base_/default_runtime.py')
     assert rt.default_scope == 'davit_ext'
     assert rt.env_cfg.dist_cfg == dict(backend='nccl')
-    assert rt.default_hooks.checkpoint == dict(type='CheckpointHook',
-                                               interval=1)
+    assert rt.default_hooks.checkpoint == dict(
+        type='CheckpointHook', interval=1)
 
 
 def test_metafile_and_model_index():
@@ -163,8 +165,8 @@ def test_metafile_and_model_index():
 
 
 def test_digits_config_inherits_the_davit_bases():
-    text = open(osp.join(ROOT,
-                         'configs/digits/davit-mini_1xb64_digits32.py')).read()
+    text = open(osp.join(
+        ROOT, 'configs/digits/davit-mini_1xb64_digits32.py')).read()
     assert "'../_base_/models/davit/davit-tiny.py'" in text
     assert "'../_base_/default_runtime.py'" in text
     cfg = _config('configs/digits/davit-mini_1xb64_digits32.py')

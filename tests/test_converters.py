@@ -1,9 +1,9 @@
 """Checkpoint layouts: official (dingmyu) <-> timm <-> mmpretrain.
 
 timm is the oracle: a randomly initialised timm DaViT, converted by our tool
-and loaded into our backbone in official mode, must give timm's logits.
-timm's own official->timm filter and mmpretrain's official->mmpretrain script
-are second oracles for the official layout's key names.
+and loaded into our backbone in official mode, must give timm's logits. timm's
+own official->timm filter and mmpretrain's official->mmpretrain script are
+second oracles for the official layout's key names.
 """
 import argparse
 import importlib.util
@@ -25,8 +25,7 @@ EMBED = {'tiny': 96, 'small': 96, 'base': 128}
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location('davit_converter_tool',
-                                                  TOOL)
+    spec = importlib.util.spec_from_file_location('davit_converter_tool', TOOL)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -79,9 +78,9 @@ def test_timm_oracle_logits(arch, tmp_path):
             assert got.shape == expected.shape == (1, 1000)
             diffs[f'{h}x{w}'] = (got - expected).abs().max().item()
             scale = max(scale, expected.abs().max().item())
-    print(f'\ntimm oracle davit_{arch}: max |logit diff| ' + ', '.join(
-        f'{k}: {v:.2e}' for k, v in diffs.items()) +
-          f' (max |logit| {scale:.2f})')
+    print(f'\ntimm oracle davit_{arch}: max |logit diff| ' +
+          ', '.join(f'{k}: {v:.2e}'
+                    for k, v in diffs.items()) + f' (max |logit| {scale:.2f})')
     assert max(diffs.values()) < 1e-4, diffs
 
 
@@ -111,10 +110,9 @@ def test_round_trip_through_the_tool_files(timm_tiny, tmp_path):
     sd = timm_tiny.state_dict()
     torch.save(sd, tmp_path / 'a.pth')
     assert tool.main([str(tmp_path / 'a.pth'), str(tmp_path / 'b.pth')]) == 0
-    assert tool.main([
-        str(tmp_path / 'b.pth'),
-        str(tmp_path / 'c.pth'), '--to', 'timm'
-    ]) == 0
+    assert tool.main(
+        [str(tmp_path / 'b.pth'),
+         str(tmp_path / 'c.pth'), '--to', 'timm']) == 0
     back = torch.load(tmp_path / 'c.pth', weights_only=True)
     assert list(back) == list(sd)
     assert all(torch.equal(back[k], sd[k]) for k in sd)
@@ -147,8 +145,8 @@ def test_official_layout_matches_timm_and_mmpretrain_oracles(timm_tiny):
     assert all(ours[k] is expected[k] for k in ours)
 
 
-@pytest.mark.parametrize('wrapper', [None, 'state_dict', 'model',
-                                     'state_dict_ema', 'ddp'])
+@pytest.mark.parametrize(
+    'wrapper', [None, 'state_dict', 'model', 'state_dict_ema', 'ddp'])
 def test_official_checkpoint_wrappers(timm_tiny, tmp_path, wrapper):
     official = C.timm_to_official(timm_tiny.state_dict())
     if wrapper is None:
@@ -195,8 +193,9 @@ def test_unmapped_keys_are_all_listed(timm_tiny, tmp_path, capsys):
     sd['stages.0.blocks.0.0.attn.rel_pos'] = torch.zeros(1)
     with pytest.raises(C.UnmappedKeysError) as err:
         C.timm_to_mmpretrain(sd)
-    assert err.value.keys == ['head.extra.weight',
-                              'stages.0.blocks.0.0.attn.rel_pos']
+    assert err.value.keys == [
+        'head.extra.weight', 'stages.0.blocks.0.0.attn.rel_pos'
+    ]
     assert str(err.value) == (
         '2 key(s) of the timm DaViT state dict have no mmpretrain '
         'equivalent: head.extra.weight, stages.0.blocks.0.0.attn.rel_pos')
@@ -214,8 +213,10 @@ def test_mmpretrain_norm_of_another_stage_is_unmapped(timm_tiny):
 
 def test_pickled_extras_need_allow_pickle(timm_tiny, tmp_path, capsys):
     official = C.timm_to_official(timm_tiny.state_dict())
-    torch.save({'model': official, 'args': argparse.Namespace(lr=1e-3)},
-               tmp_path / 'off.pth')
+    torch.save({
+        'model': official,
+        'args': argparse.Namespace(lr=1e-3)
+    }, tmp_path / 'off.pth')
     src, dst = str(tmp_path / 'off.pth'), str(tmp_path / 'mm.pth')
     assert tool.main([src, dst]) == 1
     err = capsys.readouterr().err
@@ -228,17 +229,29 @@ def test_pickled_extras_need_allow_pickle(timm_tiny, tmp_path, capsys):
 
 
 def test_mmengine_runner_checkpoint_loads_safely(timm_tiny, tmp_path):
-    """What mmengine's runner writes (HistoryBuffer, numpy) needs no
-    --allow-pickle."""
+    """What mmengine's runner writes (HistoryBuffer, numpy) needs no.
+
+    --allow-pickle.
+    """
     import numpy as np
     from mmengine.logging import HistoryBuffer
     buf = HistoryBuffer()
     buf.update(np.float64(0.5))
     mm = C.timm_to_mmpretrain(timm_tiny.state_dict())
-    torch.save({'state_dict': mm, 'message_hub': {'log': buf},
-                'meta': {'seed': np.int64(3)}}, tmp_path / 'epoch_1.pth')
-    assert tool.main([str(tmp_path / 'epoch_1.pth'), str(tmp_path / 't.pth'),
-                      '--to', 'timm']) == 0
+    torch.save(
+        {
+            'state_dict': mm,
+            'message_hub': {
+                'log': buf
+            },
+            'meta': {
+                'seed': np.int64(3)
+            }
+        }, tmp_path / 'epoch_1.pth')
+    assert tool.main([
+        str(tmp_path / 'epoch_1.pth'),
+        str(tmp_path / 't.pth'), '--to', 'timm'
+    ]) == 0
     back = torch.load(tmp_path / 't.pth', weights_only=True)
     assert list(back) == list(timm_tiny.state_dict())
 

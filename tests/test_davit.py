@@ -24,8 +24,7 @@ def classifier_cfg(arch, in_channels, **backbone):
         backbone=dict(type='DaViT', arch=arch, **backbone),
         neck=dict(type='GlobalAveragePooling'),
         head=dict(
-            type='LinearClsHead', num_classes=1000,
-            in_channels=in_channels))
+            type='LinearClsHead', num_classes=1000, in_channels=in_channels))
 
 
 def build_pair(arch, in_channels, **backbone):
@@ -137,15 +136,20 @@ def test_default_classifier_equal_mmpretrain():
 
 
 # ---------------------------------------------------------- input sizes
-@pytest.mark.parametrize(
-    'size, maps',
-    [((160, 160), [(40, 40), (20, 20), (10, 10), (5, 5)]),
-     ((192, 192), [(48, 48), (24, 24), (12, 12), (6, 6)]),
-     ((64, 64), [(16, 16), (8, 8), (4, 4), (2, 2)]),
-     ((225, 225), [(57, 57), (29, 29), (15, 15), (8, 8)]),
-     ((200, 300), [(50, 75), (25, 38), (13, 19), (7, 10)]),
-     ((256, 309), [(64, 78), (32, 39), (16, 20), (8, 10)]),
-     ((32, 32), [(8, 8), (4, 4), (2, 2), (1, 1)])])
+@pytest.mark.parametrize('size, maps', [((160, 160), [(40, 40), (20, 20),
+                                                      (10, 10), (5, 5)]),
+                                        ((192, 192), [(48, 48), (24, 24),
+                                                      (12, 12), (6, 6)]),
+                                        ((64, 64), [(16, 16), (8, 8), (4, 4),
+                                                    (2, 2)]),
+                                        ((225, 225), [(57, 57), (29, 29),
+                                                      (15, 15), (8, 8)]),
+                                        ((200, 300), [(50, 75), (25, 38),
+                                                      (13, 19), (7, 10)]),
+                                        ((256, 309), [(64, 78), (32, 39),
+                                                      (16, 20), (8, 10)]),
+                                        ((32, 32), [(8, 8), (4, 4), (2, 2),
+                                                    (1, 1)])])
 def test_any_input_size(size, maps):
     model = DaViT(arch='tiny', out_indices=(0, 1, 2, 3)).eval()
     with torch.no_grad():
@@ -166,8 +170,8 @@ def test_mmpretrain_cannot_run_these_sizes(size):
 
 def test_padding_does_not_leak_across_samples():
     """Padded zeros are per sample: a batch equals its samples run alone."""
-    model = DaViT(arch=SMALL_ARCH, window_size=4,
-                  out_indices=(0, 1, 2, 3)).eval()
+    model = DaViT(
+        arch=SMALL_ARCH, window_size=4, out_indices=(0, 1, 2, 3)).eval()
     x = torch.randn(3, 3, 45, 70)
     with torch.no_grad():
         batch = model(x)
@@ -216,8 +220,8 @@ def test_bad_input_raises_clear_error(bad, shape):
      'stage 0 has 30 channels, not divisible by its 4 heads'),
     (dict(arch='t', out_indices=(4, )),
      'out_indices entry 4 is out of range for 4 stages'),
-    (dict(arch='t', out_indices=(-5, )),
-     'out_indices entry -5 is out of range'),
+    (dict(arch='t',
+          out_indices=(-5, )), 'out_indices entry -5 is out of range'),
     (dict(arch='t', frozen_stages=4), 'frozen_stages must be in [-1, 3]'),
     (dict(arch='t', stage_cfgs=dict(depth=3)),
      "stage_cfgs keys ['depth'] are not supported"),
@@ -241,8 +245,9 @@ def test_out_indices_negative_and_order():
     assert model.out_indices == (1, 3)
     outs = model(torch.randn(1, 3, 64, 64))
     assert [o.shape[1] for o in outs] == [32, 128]
-    assert set(k.split('.')[0] for k in model.state_dict()
-               if k.startswith('norm')) == {'norm1', 'norm3'}
+    assert set(
+        k.split('.')[0] for k in model.state_dict()
+        if k.startswith('norm')) == {'norm1', 'norm3'}
 
 
 def test_out_after_downsample():
@@ -262,10 +267,14 @@ def test_frozen_stages_like_mmpretrain():
             arch='tiny', frozen_stages=frozen, out_indices=(0, 1, 2, 3))
         ref.train()
         ours.train()
-        frozen_ref = {n for n, p in ref.named_parameters()
-                      if not p.requires_grad}
-        frozen_ours = {n for n, p in ours.named_parameters()
-                       if not p.requires_grad}
+        frozen_ref = {
+            n
+            for n, p in ref.named_parameters() if not p.requires_grad
+        }
+        frozen_ours = {
+            n
+            for n, p in ours.named_parameters() if not p.requires_grad
+        }
         assert frozen_ours == frozen_ref
         assert any(n.startswith(f'stages.{frozen}.') for n in frozen_ours)
         assert not any(
@@ -276,7 +285,9 @@ def test_frozen_stages_like_mmpretrain():
 
 def test_norm_eval_keeps_batchnorm_in_eval():
     model = DaViT(
-        arch=SMALL_ARCH, norm_cfg=dict(type='BN'), norm_eval=True,
+        arch=SMALL_ARCH,
+        norm_cfg=dict(type='BN'),
+        norm_eval=True,
         out_indices=(0, 3))
     model.train()
     assert isinstance(model.norm0, torch.nn.BatchNorm2d)
@@ -293,10 +304,11 @@ def test_norm_eval_keeps_batchnorm_in_eval():
 
 def test_with_cp_same_outputs_and_grads():
     torch.manual_seed(0)
-    plain = DaViT(arch=SMALL_ARCH, drop_path_rate=0.3,
-                  out_indices=(1, 3)).train()
-    cp = DaViT(arch=SMALL_ARCH, drop_path_rate=0.3, out_indices=(1, 3),
-               with_cp=True).train()
+    plain = DaViT(
+        arch=SMALL_ARCH, drop_path_rate=0.3, out_indices=(1, 3)).train()
+    cp = DaViT(
+        arch=SMALL_ARCH, drop_path_rate=0.3, out_indices=(1, 3),
+        with_cp=True).train()
     cp.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 64, 64)
     grads = []
@@ -313,10 +325,8 @@ def test_with_cp_same_outputs_and_grads():
 
 def test_drop_path_rates_and_behaviour():
     model = DaViT(arch='tiny', drop_path_rate=0.1)
-    rates = [b.spatial_block.drop_path for s in model.stages
-             for b in s.blocks]
-    assert rates == pytest.approx(
-        torch.linspace(0, 0.1, 6).tolist(), abs=1e-7)
+    rates = [b.spatial_block.drop_path for s in model.stages for b in s.blocks]
+    assert rates == pytest.approx(torch.linspace(0, 0.1, 6).tolist(), abs=1e-7)
     assert [b.channel_block.drop_path for s in model.stages
             for b in s.blocks] == rates
     model = DaViT(arch=SMALL_ARCH, drop_path_rate=0.5)
@@ -344,8 +354,12 @@ def test_training_gradients_equal_mmpretrain(size):
     """Backward (custom or not) gives mmpretrain's gradients, every param."""
     arch = dict(embed_dims=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8])
     # Maps below the window (4x4, 2x2) need mmpretrain's pad_small_map.
-    ref, ours = build_pair(arch, 256, drop_path_rate=0., pad_small_map=True,
-                           out_indices=(0, 1, 2, 3))
+    ref, ours = build_pair(
+        arch,
+        256,
+        drop_path_rate=0.,
+        pad_small_map=True,
+        out_indices=(0, 1, 2, 3))
     ref.train()
     ours.train()
     x = torch.randn(2, 3, *size)
@@ -365,14 +379,20 @@ def test_training_gradients_equal_mmpretrain(size):
 
 
 def test_norm_ffn_function_equals_plain_ops():
-    """NormFFNFunction gives the plain ops' output and the gradients of all
-    its tensor inputs, also where only some need one."""
+    """NormFFNFunction gives the plain ops' output and the gradients of all its
+    tensor inputs, also where only some need one."""
     from davit_ext.models.davit import NormFFNFunction
     torch.manual_seed(0)
     C = 12
     x = torch.randn(2, 5, 5, C, requires_grad=True)
-    params = [torch.randn(C) + 1, torch.randn(C), torch.randn(4 * C, C),
-              torch.randn(4 * C), torch.randn(C, 4 * C), torch.randn(C)]
+    params = [
+        torch.randn(C) + 1,
+        torch.randn(C),
+        torch.randn(4 * C, C),
+        torch.randn(4 * C),
+        torch.randn(C, 4 * C),
+        torch.randn(C)
+    ]
     for p in params:
         p.requires_grad_(True)
     nw, nb, w1, b1, w2, b2 = params
@@ -390,14 +410,14 @@ def test_norm_ffn_function_equals_plain_ops():
     # Only some inputs needing a gradient (frozen weights, frozen input).
     (gx, ) = torch.autograd.grad(
         NormFFNFunction.apply(x, nw.detach(), nb.detach(), 1e-5, w1.detach(),
-                              b1.detach(), w2.detach(), b2.detach()),
-        [x], grad_out)
+                              b1.detach(), w2.detach(), b2.detach()), [x],
+        grad_out)
     torch.testing.assert_close(gx, expected[0], rtol=1e-4, atol=1e-4)
 
 
 def test_inference_chunks_equal_one_pass(monkeypatch):
-    """The chunked inference path (FFN and window attention written into
-    one output) equals the model run in one pass."""
+    """The chunked inference path (FFN and window attention written into one
+    output) equals the model run in one pass."""
     import davit_ext.models.davit as davit_module
     model = DaViT(arch=SMALL_ARCH).eval()
     x = torch.randn(2, 3, 96, 128)

@@ -22,11 +22,14 @@ NAMES = [
     for s in ('', '-official')
 ]
 WEIGHTS = {
-    'tiny': 'https://download.openmmlab.com/mmclassification/v0/davit/'
+    'tiny':
+    'https://download.openmmlab.com/mmclassification/v0/davit/'
     'davit-tiny_3rdparty_in1k_20221116-700fdf7d.pth',
-    'small': 'https://download.openmmlab.com/mmclassification/v0/davit/'
+    'small':
+    'https://download.openmmlab.com/mmclassification/v0/davit/'
     'davit-small_3rdparty_in1k_20221116-51a849a6.pth',
-    'base': 'https://download.openmmlab.com/mmclassification/v0/davit/'
+    'base':
+    'https://download.openmmlab.com/mmclassification/v0/davit/'
     'davit-base_3rdparty_in1k_20221116-19e0d956.pth',
 }
 PARAMS = {'tiny': 28360168, 'small': 49745896, 'base': 87954408}
@@ -35,11 +38,9 @@ PARAMS = {'tiny': 28360168, 'small': 49745896, 'base': 87954408}
 GOLDEN = 207
 GOLDEN_SCORE = math.exp(10) / (math.exp(10) + 999)
 
-
 # One image at a time: one thread is as fast and does not suffer from other
 # processes competing for the cores.
 ONE_THREAD = dict(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
-
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -47,28 +48,32 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 def run_python(code, cwd, env=None, timeout=300):
     """Run ``code`` in a fresh interpreter; return its last stdout line."""
     full_env = dict(os.environ, **ONE_THREAD, **(env or {}))
-    proc = subprocess.run([sys.executable, '-c', textwrap.dedent(code)],
-                          cwd=cwd,
-                          env=full_env,
-                          capture_output=True,
-                          text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, '-c', textwrap.dedent(code)],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip().splitlines()[-1]
 
 
 IMPORT_ORDERS = {
     # mmpretrain's hub already read its own index before we came.
-    'mmpretrain-listed-first': '''
+    'mmpretrain-listed-first':
+    '''
         import mmpretrain
         mmpretrain.list_models()
         import davit_ext
     ''',
-    'mmpretrain-first': '''
+    'mmpretrain-first':
+    '''
         import mmpretrain
         import davit_ext
     ''',
-    'davit_ext-first': '''
+    'davit_ext-first':
+    '''
         import davit_ext
         import mmpretrain
     ''',
@@ -76,8 +81,7 @@ IMPORT_ORDERS = {
 
 
 @pytest.mark.parametrize('order', list(IMPORT_ORDERS))
-def test_names_resolve_to_davit_ext_whatever_the_import_order(order,
-                                                             tmp_path):
+def test_names_resolve_to_davit_ext_whatever_the_import_order(order, tmp_path):
     code = IMPORT_ORDERS[order] + '''
         import json
         import torch
@@ -116,10 +120,10 @@ def test_metainfo_comes_from_our_metafile():
     for name in NAMES:
         arch = name.split('-')[1].split('_')[0]
         meta = ModelHub.get(name)
-        expected_cfg = osp.join(root, 'configs', 'davit',
-                                f'davit-{arch}_4xb256_in1k'
-                                f'{"-official" if "official" in name else ""}'
-                                '.py')
+        expected_cfg = osp.join(
+            root, 'configs', 'davit', f'davit-{arch}_4xb256_in1k'
+            f'{"-official" if "official" in name else ""}'
+            '.py')
         assert meta.config.filename == expected_cfg
         assert meta.weights == WEIGHTS[arch]
         assert meta.config.model['_scope_'] == 'davit_ext'
@@ -136,8 +140,8 @@ def test_unknown_name_is_mmpretrains_clear_error():
 
 @pytest.mark.parametrize('arch', ['tiny', 'small', 'base'])
 def test_both_modes_have_the_published_state_dict(arch):
-    """Same keys and shapes as mmpretrain's own DaViT classifier (the layout
-    of the published checkpoints), in both modes."""
+    """Same keys and shapes as mmpretrain's own DaViT classifier (the layout of
+    the published checkpoints), in both modes."""
     from mmpretrain import get_model
     mm_cfg = osp.join(
         osp.dirname(__import__('mmpretrain').__file__), '.mim', 'configs',
@@ -204,8 +208,12 @@ def assets(tmp_path_factory):
     served.mkdir()
     url_name = f'davit-tiny_random-{digest}.pth'
     (served / url_name).write_bytes(ckpt.read_bytes())
-    return dict(root=root, img=str(root / 'dog.png'), ckpt=str(ckpt),
-                served=str(served), url_name=url_name)
+    return dict(
+        root=root,
+        img=str(root / 'dog.png'),
+        ckpt=str(ckpt),
+        served=str(served),
+        url_name=url_name)
 
 
 @pytest.fixture
@@ -298,13 +306,19 @@ def test_demo_script_bad_input(assets):
 
 
 def test_demo_offline_download_fails_clearly(assets):
-    """No --pretrained: the metafile URL, which cannot be fetched here (a
-    dead proxy makes sure of that even on a machine with network)."""
+    """No --pretrained: the metafile URL, which cannot be fetched here (a dead
+    proxy makes sure of that even on a machine with network)."""
     dead = 'http://127.0.0.1:9'
-    env = dict(os.environ, **ONE_THREAD,
-               TORCH_HOME=str(assets['root'] / 'offline_home'),
-               HTTPS_PROXY=dead, https_proxy=dead, HTTP_PROXY=dead,
-               http_proxy=dead, NO_PROXY='', no_proxy='')
+    env = dict(
+        os.environ,
+        **ONE_THREAD,
+        TORCH_HOME=str(assets['root'] / 'offline_home'),
+        HTTPS_PROXY=dead,
+        https_proxy=dead,
+        HTTP_PROXY=dead,
+        http_proxy=dead,
+        NO_PROXY='',
+        no_proxy='')
     proc = subprocess.run([
         sys.executable,
         osp.join(REPO, 'demo', 'image_demo.py'), assets['img'],

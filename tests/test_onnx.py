@@ -28,9 +28,9 @@ tool = _load_tool()
 
 def small_config(tmp_path, official):
     """Our real config (standard or official), shrunk to a small arch."""
-    base = osp.join(REPO, 'configs', 'davit',
-                    'davit-tiny_4xb256_in1k'
-                    f'{"-official" if official else ""}.py')
+    base = osp.join(
+        REPO, 'configs', 'davit', 'davit-tiny_4xb256_in1k'
+        f'{"-official" if official else ""}.py')
     path = tmp_path / f'small{"-official" if official else ""}.py'
     path.write_text(f'_base_ = {base!r}\n'
                     'model = dict(backbone=dict(arch=dict(_delete_=True, '
@@ -57,8 +57,8 @@ def random_checkpoint(cfg_path, tmp_path):
     return str(path), model.eval()
 
 
-@pytest.mark.parametrize('official', [False, True], ids=['standard',
-                                                         'official'])
+@pytest.mark.parametrize(
+    'official', [False, True], ids=['standard', 'official'])
 def test_export_dynamic_batch_and_verify(official, tmp_path, capsys):
     cfg = small_config(tmp_path, official)
     ckpt, model = random_checkpoint(cfg, tmp_path)
@@ -106,8 +106,7 @@ def test_checkpoint_of_another_model_fails_clearly(tmp_path, capsys):
     cfg = small_config(tmp_path, official=False)
     ckpt = tmp_path / 'other.pth'
     torch.save({'state_dict': {'head.fc.weight': torch.zeros(10, 256)}}, ckpt)
-    rc = tool.main([cfg, str(ckpt), '--output-file',
-                    str(tmp_path / 'x.onnx')])
+    rc = tool.main([cfg, str(ckpt), '--output-file', str(tmp_path / 'x.onnx')])
     assert rc == 1
     # (last line: mmengine's logger may complain about pytest's streams)
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -118,7 +117,9 @@ def test_checkpoint_of_another_model_fails_clearly(tmp_path, capsys):
 
 
 def test_missing_config_fails_clearly(tmp_path, capsys):
-    rc = tool.main([str(tmp_path / 'nope.py'), 'x.pth', '--output-file',
-                    str(tmp_path / 'x.onnx')])
+    rc = tool.main([
+        str(tmp_path / 'nope.py'), 'x.pth', '--output-file',
+        str(tmp_path / 'x.onnx')
+    ])
     assert rc == 1
-    assert "No config file at" in capsys.readouterr().err
+    assert 'No config file at' in capsys.readouterr().err

@@ -82,8 +82,9 @@ def _free_port():
 
 
 def _val_top1(log, epoch):
-    m = re.findall(rf'Epoch\(val\) \[{epoch}\]\[\d+/\d+\]\s+'
-                   r'accuracy/top1: ([\d.]+)', log)
+    m = re.findall(
+        rf'Epoch\(val\) \[{epoch}\]\[\d+/\d+\]\s+'
+        r'accuracy/top1: ([\d.]+)', log)
     assert len(m) == 1, log[-3000:]
     return float(m[0])
 
@@ -125,12 +126,12 @@ def tiny(tmp_path_factory):
 def runs(tiny):
     """2 epochs straight (A); 1 epoch then --resume CKPT for the 2nd (B)."""
     a, b = str(tiny.root / 'A'), str(tiny.root / 'B')
-    rc, log_a, _ = _run(_python_tool('train.py', tiny.config, '--work-dir', a),
-                        tiny.root)
+    rc, log_a, _ = _run(
+        _python_tool('train.py', tiny.config, '--work-dir', a), tiny.root)
     assert rc == 0, log_a[-3000:]
     rc, log_b1, _ = _run(
-        _python_tool('train.py', tiny.config, '--work-dir', b,
-                     '--cfg-options', 'train_cfg.max_epochs=1'), tiny.root)
+        _python_tool('train.py', tiny.config, '--work-dir', b, '--cfg-options',
+                     'train_cfg.max_epochs=1'), tiny.root)
     assert rc == 0, log_b1[-3000:]
     assert sorted(f for f in os.listdir(b) if f.endswith('.pth')) == \
         ['epoch_1.pth']
@@ -161,9 +162,10 @@ def test_resume_gives_the_same_weights_and_optimizer(runs):
 def test_test_tool_evaluates_the_checkpoint(runs, tiny):
     out = str(tiny.root / 'metrics.json')
     rc, log, _ = _run(
-        _python_tool('test.py', tiny.config, osp.join(runs.b, 'epoch_2.pth'),
-                     '--work-dir', str(tiny.root / 'T'), '--out', out,
-                     '--out-item', 'metrics'), tiny.root)
+        _python_tool('test.py', tiny.config,
+                     osp.join(runs.b, 'epoch_2.pth'), '--work-dir',
+                     str(tiny.root / 'T'), '--out', out, '--out-item',
+                     'metrics'), tiny.root)
     assert rc == 0, log[-3000:]
     with open(out) as f:
         metrics = json.load(f)
@@ -171,24 +173,28 @@ def test_test_tool_evaluates_the_checkpoint(runs, tiny):
     assert metrics['accuracy/top1'] == _val_top1(runs.log_a, 2)
 
 
-
 def _published_style(runs, tiny):
     """B's final weights as a published checkpoint: state_dict + meta."""
     path = str(tiny.root / 'published_style.pth')
     if not osp.exists(path):
         ckpt = _load(osp.join(runs.b, 'epoch_2.pth'))
-        torch.save({'state_dict': ckpt['state_dict'],
-                    'meta': {'dataset_meta': ckpt['meta']['dataset_meta']}},
-                   path)
+        torch.save(
+            {
+                'state_dict': ckpt['state_dict'],
+                'meta': {
+                    'dataset_meta': ckpt['meta']['dataset_meta']
+                }
+            }, path)
     return path
 
 
 def test_test_tool_on_a_published_style_checkpoint(runs, tiny):
     out = str(tiny.root / 'published_metrics.json')
     rc, log, _ = _run(
-        _python_tool('test.py', tiny.config, _published_style(runs, tiny),
-                     '--work-dir', str(tiny.root / 'P'), '--out', out,
-                     '--out-item', 'metrics'), tiny.root)
+        _python_tool('test.py', tiny.config,
+                     _published_style(runs, tiny), '--work-dir',
+                     str(tiny.root / 'P'), '--out', out, '--out-item',
+                     'metrics'), tiny.root)
     assert rc == 0, log[-3000:]
     with open(out) as f:
         assert json.load(f)['accuracy/top1'] == _val_top1(runs.log_a, 2)
@@ -206,6 +212,7 @@ def test_resume_from_weights_only_is_refused(call, runs, tiny):
         'an mmengine training run. To start training from these weights, '
         f'pass them as --cfg-options load_from={path} instead of --resume.')
     assert not work.exists()
+
 
 def test_dist_train_and_dist_test_on_two_cpu_processes(runs, tiny):
     work = str(tiny.root / 'D')
@@ -290,7 +297,7 @@ def test_missing_data_root(call, tiny):
                         f'train_dataloader.dataset.data_root={missing}')
     assert code == 2
     assert _one_line(err) == (
-        f"train_dataloader.dataset: data root {missing!r} does not exist "
+        f'train_dataloader.dataset: data root {missing!r} does not exist '
         f"(resolved to {missing!r}). Prepare the dataset as in mmpretrain's "
         'dataset preparation guide (https://mmpretrain.readthedocs.io/en/'
         'latest/user_guides/dataset_prepare.html), i.e. DATA_ROOT/'
@@ -391,8 +398,7 @@ def test_malicious_checkpoint_refused_by_test_tool(tiny):
 
 
 def test_dist_scripts_explain_their_arguments():
-    rc, out, _ = _run(['bash', osp.join(ROOT, 'tools', 'dist_train.sh')],
-                      ROOT)
+    rc, out, _ = _run(['bash', osp.join(ROOT, 'tools', 'dist_train.sh')], ROOT)
     assert rc == 2
     assert out.strip().endswith(
         'dist_train.sh CONFIG GPUS [tools/train.py options]')
@@ -446,8 +452,7 @@ def test_digits_export(tmp_path, capsys):
     out = tmp_path / 'digits'
     convert.main([str(out), '--size', '8'])
     counts = {
-        split: sum(
-            len(os.listdir(out / split / str(c))) for c in range(10))
+        split: sum(len(os.listdir(out / split / str(c))) for c in range(10))
         for split in ('train', 'val')
     }
     assert counts == {'train': 1442, 'val': 355}
@@ -481,4 +486,3 @@ def _tool_path(rel):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-

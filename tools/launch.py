@@ -1,10 +1,10 @@
 """torchrun for tools/dist_train.sh and tools/dist_test.sh.
 
-Takes exactly ``python -m torch.distributed.run`` arguments. The difference
-is on failure: torchrun ends with its own traceback and failure table; this
-prints at most one line below the failing process's message and exits with
-that process's status. Status 2 (a davit_ext tool refusing its input, whose
-message is already printed) adds nothing.
+Takes exactly ``python -m torch.distributed.run`` arguments. The difference is
+on failure: torchrun ends with its own traceback and failure table; this prints
+at most one line below the failing process's message and exits with that
+process's status. Status 2 (a davit_ext tool refusing its input, whose message
+is already printed) adds nothing.
 """
 import logging
 import os

@@ -119,10 +119,9 @@ def main(argv=None):
     print(f'held-out top-1   : {top1:.2f} % on 355 images '
           f'({"PASS" if passed else "FAIL"}: target >= {TARGET_TOP1:.0f} %)')
     print(f'inference        : {image} -> {result["pred_class"]}')
-    print('step times       : ' +
-          ', '.join(f'{k} {v:.0f} s' for k, v in times.items()))
-    print(f'demo wall time   : {wall:.0f} s ({wall / 60:.1f} min)',
-          flush=True)
+    print('step times       : ' + ', '.join(f'{k} {v:.0f} s'
+                                            for k, v in times.items()))
+    print(f'demo wall time   : {wall:.0f} s ({wall / 60:.1f} min)', flush=True)
     return 0 if passed else 1
 
 

@@ -130,8 +130,8 @@ def merge_args(cfg, args):
 
 
 def apply_tta(cfg):
-    """Wrap the model for test-time augmentation (after the checks, which
-    need the plain model)."""
+    """Wrap the model for test-time augmentation (after the checks, which need
+    the plain model)."""
     from mmengine.config import ConfigDict
 
     if 'tta_model' not in cfg:

@@ -147,8 +147,8 @@ def merge_args(cfg, args):
 
     # Saves/restores the random generators so that resuming is exact.
     hooks = list(cfg.get('custom_hooks', None) or [])
-    if not any(str(h.get('type', '')).endswith('RandomStateHook')
-               for h in hooks):
+    if not any(
+            str(h.get('type', '')).endswith('RandomStateHook') for h in hooks):
         hooks.append(dict(type='davit_ext.RandomStateHook'))
     cfg.custom_hooks = hooks
     return cfg

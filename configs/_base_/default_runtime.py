@@ -1,6 +1,6 @@
 # Runtime shared by all davit_ext configs.
-# Registries: ``DaViT`` resolves to davit_ext's backbone; every other type falls
-# through to mmpretrain, then mmengine.
+# Registries: ``DaViT`` resolves to davit_ext's backbone; every other type
+# falls through to mmpretrain, then mmengine.
 default_scope = 'davit_ext'
 # Imported by mmengine before anything is built, so configs also work from
 # plain mmengine/mmpretrain entry points.

@@ -90,6 +90,5 @@ auto_scale_lr = dict(base_batch_size=64)
 
 # runtime
 default_hooks = dict(
-    logger=dict(interval=10),
-    checkpoint=dict(interval=5, max_keep_ckpts=2))
+    logger=dict(interval=10), checkpoint=dict(interval=5, max_keep_ckpts=2))
 randomness = dict(seed=0, deterministic=True)

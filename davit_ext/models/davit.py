@@ -95,8 +95,8 @@ def chunk_tokens(x: Tensor) -> Optional[int]:
     Chunking is a CPU cache optimisation: a chunk small enough for its
     activations to stay in cache from one op to the next, large enough (at
     least 8C rows) for the GEMMs to stay efficient. From 384 channels on the
-    maps are small and this is about a single chunk. GPUs, autocast and
-    tracers run in one pass.
+    maps are small and this is about a single chunk. GPUs, autocast and tracers
+    run in one pass.
     """
     if x.device.type != 'cpu' or _cpu_autocast() or torch.jit.is_tracing():
         return None
@@ -115,9 +115,9 @@ def linear(x: Tensor, layer: nn.Linear, out: Optional[Tensor]) -> Tensor:
 
 
 def run_in_chunks(fn, x: Tensor, step: Optional[int]) -> Tensor:
-    """``fn(x, None)``, or ``fn`` run on ``step`` rows (dim 0) at a time,
-    each chunk's result written by ``fn(rows, out)`` into its rows of one
-    output shaped like ``x`` (no concatenation copy)."""
+    """``fn(x, None)``, or ``fn`` run on ``step`` rows (dim 0) at a time, each
+    chunk's result written by ``fn(rows, out)`` into its rows of one output
+    shaped like ``x`` (no concatenation copy)."""
     if step is None or x.shape[0] <= step:
         return fn(x, None)
     out = torch.empty_like(x)
@@ -127,14 +127,14 @@ def run_in_chunks(fn, x: Tensor, step: Optional[int]) -> Tensor:
 
 
 class NormFFNFunction(torch.autograd.Function):
-    """``fc2(gelu(fc1(layer_norm(x))))`` keeping only ``x`` and the fc1
-    output ``h`` for backward; the norm's output and ``gelu(h)`` are
-    recomputed there (one layer norm and one GELU, both elementwise-cheap).
+    """``fc2(gelu(fc1(layer_norm(x))))`` keeping only ``x`` and the fc1 output
+    ``h`` for backward; the norm's output and ``gelu(h)`` are recomputed there
+    (one layer norm and one GELU, both elementwise-cheap).
 
     Plain autograd keeps ``x`` (norm), ``norm(x)`` (fc1), ``h`` (GELU) and
     ``gelu(h)`` (fc2): 10C values per token. This keeps 5C, which cuts a
-    block's saved activations by about a quarter. Gradients are those of
-    the plain ops.
+    block's saved activations by about a quarter. Gradients are those of the
+    plain ops.
     """
 
     @staticmethod
@@ -145,8 +145,7 @@ class NormFFNFunction(torch.autograd.Function):
         y, mean, rstd = torch.native_layer_norm(x, (C, ), norm_weight,
                                                 norm_bias, eps)
         h = F.linear(y, w1, b1)
-        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, w1, h,
-                              w2)
+        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, w1, h, w2)
         ctx.eps = eps
         ctx.has_bias = (b1 is not None, b2 is not None)
         return F.linear(F.gelu(h), w2, b2)
@@ -198,8 +197,8 @@ class FFN(nn.Module):
                 x: Tensor,
                 norm: nn.LayerNorm,
                 residual: bool = False) -> Tensor:
-        """``self.layers(norm(x))``, the norm's module passed in, plus ``x``
-        if ``residual``."""
+        """``self.layers(norm(x))``, the norm's module passed in, plus ``x`` if
+        ``residual``."""
         (fc1, act), fc2 = self.layers
         if torch.jit.is_tracing():
             # Tracers (FLOP counting, ONNX) see the plain ops: they cannot
@@ -304,15 +303,13 @@ class WindowAttention(nn.Module):
         step = chunk_tokens(x)
         # Compiled graphs attend in one pass: inductor fuses the partition
         # with its neighbours (measured faster than in chunks there).
-        if (torch.is_grad_enabled() or step is None
-                or _is_compiling()):
+        if (torch.is_grad_enabled() or step is None or _is_compiling()):
             out = self.w_msa(windows)
         else:
             # Inference: groups of windows, so that qkv, the attention and
             # its output stay in cache between the ops (see FFN.forward;
             # measured 1.03x on the whole model).
-            out = run_in_chunks(self.w_msa, windows,
-                                max(1, step // (wh * ww)))
+            out = run_in_chunks(self.w_msa, windows, max(1, step // (wh * ww)))
         # (B, nh, wh, nw, ww, C): the map, still stored window by window.
         out = out.view(B, nh, nw, wh, ww, C).transpose(2, 3)
         if pad_b or pad_r:
@@ -359,8 +356,8 @@ class ChannelAttention(nn.Module):
             x.view(B, N, C).transpose(1, 2))
         if self.qkv.bias is not None:
             qkv = qkv.add_(
-                self.qkv.bias.view(3, heads, d, 1).transpose(0, 1).reshape(
-                    3 * C, 1))
+                self.qkv.bias.view(3, heads, d,
+                                   1).transpose(0, 1).reshape(3 * C, 1))
         q, k, v = qkv.view(B * heads, 3, d, N).unbind(1)
         attn = (torch.bmm(k, v.transpose(1, 2)) * self.scale).softmax(dim=-1)
         out = torch.bmm(attn, q).view(B, C, N)  # channels of q mixed
@@ -406,9 +403,9 @@ class AttentionBlock(nn.Module):
     def add_branch(self, x: Tensor, branch: Tensor) -> Tensor:
         """``x + drop_path(branch)`` as a new contiguous (B, H, W, C) map.
 
-        ``branch`` is (B, H, W, C), or the same map split into windows,
-        (B, nh, wh, nw, ww, C), as the window attention returns it: the add
-        then merges the windows on the way.
+        ``branch`` is (B, H, W, C), or the same map split into windows, (B, nh,
+        wh, nw, ww, C), as the window attention returns it: the add then merges
+        the windows on the way.
         """
         out = x.view(branch.shape) + drop_path(branch, self.drop_path,
                                                self.training)
@@ -506,8 +503,9 @@ class PatchEmbed(nn.Module):
         left, right = self._padding(x.shape[3])
         # A channels-last input makes the conv write (B, H, W, C) itself:
         # the permute below is then a view (stem 3.4x faster on CPU).
-        x = F.pad(x.contiguous(memory_format=torch.channels_last),
-                  (left, right, top, bottom))
+        x = F.pad(
+            x.contiguous(memory_format=torch.channels_last),
+            (left, right, top, bottom))
         x = self.projection(x).permute(0, 2, 3, 1).contiguous()
         return self.norm(x)
 
@@ -544,9 +542,8 @@ class DaViTStage(nn.Module):
         drop_paths = list(drop_paths) or [0.] * depth
         self.with_cp = with_cp
         self.blocks = nn.ModuleList(
-            DaViTBlock(embed_dims, num_heads, window_size, ffn_ratio,
-                       qkv_bias, drop_paths[i], pad_small_map)
-            for i in range(depth))
+            DaViTBlock(embed_dims, num_heads, window_size, ffn_ratio, qkv_bias,
+                       drop_paths[i], pad_small_map) for i in range(depth))
         self.downsample = Downsample(embed_dims, 2 * embed_dims) \
             if downsample else None
         self.out_channels = 2 * embed_dims if downsample else embed_dims
@@ -567,7 +564,8 @@ class DaViTStage(nn.Module):
 
 @MODELS.register_module()
 class DaViT(BaseBackbone):
-    """DaViT backbone (`DaViT: Dual Attention Vision Transformers
+    """DaViT backbone (`DaViT: Dual Attention Vision Transformers.
+
     <https://arxiv.org/abs/2204.03645>`_).
 
     Args:
@@ -618,35 +616,38 @@ class DaViT(BaseBackbone):
     """
     arch_zoo = {
         **dict.fromkeys(['t', 'tiny'], {
-            'embed_dims': 96,
-            'depths': [1, 1, 3, 1],
-            'num_heads': [3, 6, 12, 24]
-        }),
+                            'embed_dims': 96,
+                            'depths': [1, 1, 3, 1],
+                            'num_heads': [3, 6, 12, 24]
+                        }),
         **dict.fromkeys(['s', 'small'], {
-            'embed_dims': 96,
-            'depths': [1, 1, 9, 1],
-            'num_heads': [3, 6, 12, 24]
-        }),
+                            'embed_dims': 96,
+                            'depths': [1, 1, 9, 1],
+                            'num_heads': [3, 6, 12, 24]
+                        }),
         **dict.fromkeys(['b', 'base'], {
-            'embed_dims': 128,
-            'depths': [1, 1, 9, 1],
-            'num_heads': [4, 8, 16, 32]
-        }),
-        **dict.fromkeys(['l', 'large'], {
-            'embed_dims': 192,
-            'depths': [1, 1, 9, 1],
-            'num_heads': [6, 12, 24, 48]
-        }),
-        **dict.fromkeys(['h', 'huge'], {
-            'embed_dims': 256,
-            'depths': [1, 1, 9, 1],
-            'num_heads': [8, 16, 32, 64]
-        }),
-        **dict.fromkeys(['g', 'giant'], {
-            'embed_dims': 384,
-            'depths': [1, 1, 12, 3],
-            'num_heads': [12, 24, 48, 96]
-        }),
+                            'embed_dims': 128,
+                            'depths': [1, 1, 9, 1],
+                            'num_heads': [4, 8, 16, 32]
+                        }),
+        **dict.fromkeys(
+            ['l', 'large'], {
+                'embed_dims': 192,
+                'depths': [1, 1, 9, 1],
+                'num_heads': [6, 12, 24, 48]
+            }),
+        **dict.fromkeys(
+            ['h', 'huge'], {
+                'embed_dims': 256,
+                'depths': [1, 1, 9, 1],
+                'num_heads': [8, 16, 32, 64]
+            }),
+        **dict.fromkeys(
+            ['g', 'giant'], {
+                'embed_dims': 384,
+                'depths': [1, 1, 12, 3],
+                'num_heads': [12, 24, 48, 96]
+            }),
     }
     _stage_keys = ('window_size', 'ffn_ratio', 'qkv_bias', 'pad_small_map',
                    'with_cp')
@@ -687,8 +688,8 @@ class DaViT(BaseBackbone):
         self.official = official
         stage_cfgs = self._parse_stage_cfgs(stage_cfgs)
 
-        self.patch_embed = PatchEmbed(in_channels, self.embed_dims,
-                                      patch_size, official)
+        self.patch_embed = PatchEmbed(in_channels, self.embed_dims, patch_size,
+                                      official)
 
         # Stochastic depth rises linearly over all blocks.
         dpr = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
@@ -817,12 +818,12 @@ class DaViT(BaseBackbone):
     def _freeze_stages(self) -> None:
         if self.frozen_stages < 0:
             return
-        frozen = [self.patch_embed] + [
-            self.stages[i] for i in range(self.frozen_stages + 1)
-        ] + [
-            getattr(self, f'norm{i}') for i in self.out_indices
-            if i <= self.frozen_stages
-        ]
+        frozen = [self.patch_embed
+                  ] + [self.stages[i]
+                       for i in range(self.frozen_stages + 1)] + [
+                           getattr(self, f'norm{i}')
+                           for i in self.out_indices if i <= self.frozen_stages
+                       ]
         for m in frozen:
             m.eval()
             for param in m.parameters():

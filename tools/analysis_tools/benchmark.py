@@ -123,7 +123,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         action='store_true',
         help='with --compile, also time the compiled training step')
     p.add_argument(
-        '--compile-mode', default=None, help='torch.compile mode, e.g. '
+        '--compile-mode',
+        default=None,
+        help='torch.compile mode, e.g. '
         'max-autotune')
     p.add_argument(
         '--with-cp',
@@ -135,9 +137,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         default=list(PEERS),
         help='peers to compare with (default: mmpretrain timm)')
     p.add_argument(
-        '--no-official',
-        action='store_true',
-        help='leave out ours-official')
+        '--no-official', action='store_true', help='leave out ours-official')
     p.add_argument('--iters', type=int, default=10, help='timed rounds')
     p.add_argument('--warmup', type=int, default=2, help='untimed rounds')
     p.add_argument(
@@ -534,8 +534,9 @@ def format_table(results: Dict, peers: List[str]) -> str:
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [
-        ' | '.join(c.ljust(w) if i == 0 else c.rjust(w)
-                   for i, (c, w) in enumerate(zip(r, widths))) for r in rows
+        ' | '.join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths))) for r in rows
     ]
     lines.insert(1, '-+-'.join('-' * w for w in widths))
     return '\n'.join(lines)
@@ -565,8 +566,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         model.to(device=device, memory_format=fmt)
         runners[name] = Runner(name, model, args, device)
     g = torch.Generator().manual_seed(args.seed + 1)
-    x = torch.randn(args.batch, 3, *size, generator=g).to(
-        device=device, memory_format=fmt)
+    x = torch.randn(
+        args.batch, 3, *size, generator=g).to(
+            device=device, memory_format=fmt)
     y = torch.randint(args.num_classes, (args.batch, ), generator=g).to(device)
 
     if 'ours+compile' in models:
@@ -631,8 +633,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
     peers = [p for p in PEERS if p in results]
     for metric, higher in (('infer_img_s', True), ('train_img_s', True),
-                           ('train_peak_mb', False), ('infer_peak_mb',
-                                                      False)):
+                           ('train_peak_mb', False), ('infer_peak_mb', False)):
         summarize(results, metric, higher, peers)
     if 'ours-cp' in results and 'train_peak_mb' in results['ours-cp']:
         results['ours-cp']['train_peak_vs_ours'] = \
@@ -641,22 +642,25 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
     meta = machine_info(args)
     config = dict(
-        vars(args), img_size=list(size), arch_settings=arch_settings(
-            args.arch))
-    print(f"\nDaViT {args.arch} {size[0]}x{size[1]} batch {args.batch} "
+        vars(args),
+        img_size=list(size),
+        arch_settings=arch_settings(args.arch))
+    hardware = meta['cpu'] if device.type == 'cpu' else meta.get('gpu')
+    print(f'\nDaViT {args.arch} {size[0]}x{size[1]} batch {args.batch} '
           f"{args.dtype}{' channels_last' if args.channels_last else ''} "
-          f"on {device}: {meta['cpu'] if device.type == 'cpu' else meta.get('gpu')}, "
+          f'on {device}: {hardware}, '
           f"{meta['threads']} threads, torch {meta['torch']}, "
           f"{meta['date']}")
-    print(f"medians of {args.iters} interleaved rounds after {args.warmup} "
+    print(f'medians of {args.iters} interleaved rounds after {args.warmup} '
           'warm-up; ratios > 1 mean ours is better (faster / less memory)')
     print(format_table(results, peers))
     for name, res in results.items():
         if 'compile_s' in res:
-            print(f'{name}: compile time ' + ', '.join(
-                f'{k} {v:.1f} s' for k, v in res['compile_s'].items()))
+            print(f'{name}: compile time ' +
+                  ', '.join(f'{k} {v:.1f} s'
+                            for k, v in res['compile_s'].items()))
         if 'train_peak_vs_ours' in res:
-            print(f"{name}: training peak memory "
+            print(f'{name}: training peak memory '
                   f"{res['train_peak_vs_ours']:.2f}x ours (with_cp=False)")
     for name, res in results.items():
         prof = res.get('infer_profile')
@@ -665,13 +669,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                             for k, v in prof['ops'][:args.profile])
             # Shares only: each profile runs at its own moment, so their
             # absolute times are not comparable (the timed rounds are).
-            print(f"profile {name} inference (self CPU time): "
+            print(f'profile {name} inference (self CPU time): '
                   f"GEMM {prof['gemm_share']:.1%}; {top}")
     for note in notes:
         print('note:', note)
 
-    out = dict(meta=meta, config=config, checks=checks, notes=notes,
-               results=results)
+    out = dict(
+        meta=meta, config=config, checks=checks, notes=notes, results=results)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, 'w') as f:

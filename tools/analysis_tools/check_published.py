@@ -52,7 +52,9 @@ def count(model, flops=True):
     from mmengine.analysis import get_model_complexity_info
     with torch.no_grad():
         info = get_model_complexity_info(
-            model, input_shape=(3, 224, 224), show_table=False,
+            model,
+            input_shape=(3, 224, 224),
+            show_table=False,
             show_arch=False)
     return params, int(info['flops'])
 
@@ -69,6 +71,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     warnings.filterwarnings('ignore', message='Fail to import ``MultiScale')
     from mmengine.logging import MMLogger
+
     # The FLOP counter warns about every op it does not count (additions,
     # norms, softmax... are not counted by convention).
     MMLogger.get_current_instance().setLevel(logging.ERROR)
@@ -98,10 +101,11 @@ def main(argv=None):
             good = good and abs(diff) <= FLOPS_TOLERANCE
             flops_txt, diff_txt = f'{flops / 1e9:.3f}', f'{diff:+.2%}'
         ok = ok and good
-        print(f'{meta["Name"]:<34} {params:>12,} {pub_params:>12,} '
-              f'{flops_txt:>8} {pub_flops / 1e9:>9.3f} {diff_txt:>7}  '
-              f'{"OK" if good else "MISMATCH"} ({time.time() - start:.1f} s)',
-              flush=True)
+        print(
+            f'{meta["Name"]:<34} {params:>12,} {pub_params:>12,} '
+            f'{flops_txt:>8} {pub_flops / 1e9:>9.3f} {diff_txt:>7}  '
+            f'{"OK" if good else "MISMATCH"} ({time.time() - start:.1f} s)',
+            flush=True)
     return 0 if ok else 1
 
 

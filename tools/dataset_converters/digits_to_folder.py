@@ -40,8 +40,8 @@ def split_indices(labels: np.ndarray):
     for idx, label in enumerate(labels.tolist()):
         pos = seen.get(label, 0)
         seen[label] = pos + 1
-        (val if pos % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1 else train).append(
-            idx)
+        (val if pos % HOLD_OUT_EVERY == HOLD_OUT_EVERY -
+         1 else train).append(idx)
     return train, val
 
 

@@ -95,12 +95,14 @@ def build_classifier(cfg, checkpoint: str) -> torch.nn.Module:
     # Safe loading (weights_only, sha256-checked downloads, clear offline
     # message), then a strict fit with every mismatch listed.
     ckpt = load_checkpoint_file(checkpoint, map_location='cpu')
-    check_state_dict_fits(model, ckpt, checkpoint, strict=True,
-                          model_name='the config\'s model')
+    check_state_dict_fits(
+        model, ckpt, checkpoint, strict=True, model_name='the config\'s model')
     state_dict = ckpt.get('state_dict', ckpt)
     model.load_state_dict(
-        {k[len('module.'):] if k.startswith('module.') else k: v
-         for k, v in state_dict.items()},
+        {
+            k[len('module.'):] if k.startswith('module.') else k: v
+            for k, v in state_dict.items()
+        },
         strict=True)
     return model.eval()
 

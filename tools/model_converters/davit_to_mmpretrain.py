@@ -101,8 +101,8 @@ def main(argv=None) -> int:
         src_layout = detect_layout(state_dict)
         num_stages = infer_num_stages(state_dict, src_layout)
         converted = convert(state_dict, args.to, src_layout, num_stages)
-    except (UnknownLayoutError, UnmappedKeysError, FileNotFoundError,
-            KeyError, TypeError, RuntimeError, ImportError) as e:
+    except (UnknownLayoutError, UnmappedKeysError, FileNotFoundError, KeyError,
+            TypeError, RuntimeError, ImportError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
     if args.to == 'mmpretrain':
