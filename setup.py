@@ -104,8 +104,10 @@ setup(
     python_requires='>=3.8',
     install_requires=requirements(),
     extras_require={
-        'tests':
-        ['pytest', 'timm>=1.0', 'scikit-learn', 'onnx', 'onnxruntime'],
+        'tests': [
+            'pytest', 'timm>=1.0', 'scikit-learn', 'onnx', 'onnxruntime',
+            'pre-commit'
+        ],
     },
     classifiers=[
         'Programming Language :: Python :: 3',
