@@ -1,6 +1,7 @@
 """Train a model with an mmengine config (mmpretrain's command line).
 
     python tools/train.py CONFIG [--work-dir DIR] [--resume [CHECKPOINT]]
+        [--resume-finished-ok]
         [--amp] [--no-validate] [--auto-scale-lr] [--cfg-options K=V ...]
         [--launcher none|pytorch|slurm|mpi]
 
