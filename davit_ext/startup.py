@@ -397,13 +397,19 @@ class WorkDirGuard:
     empty run behind and overwrite the copy of the previous run's config.
     Used as a context manager around building and running the runner: on an
     exception before :meth:`started` is called, the folders this run made are
-    removed and the config copy is put back (rank 0 only).
+    removed and the config copy is put back (rank 0 only), and a
+    ``ValueError``/``TypeError``/``KeyError``/``AssertionError`` (a config
+    value mmengine or torch refused) becomes one :class:`ConfigError` line,
+    unless the environment sets ``DAVIT_EXT_TRACEBACK=1``.
 
     Args:
         work_dir (str): The run's work_dir.
         config_file (str, optional): The config's path (its base name is the
             copy's name).
     """
+
+    # raised by mmengine/torch while building from config values
+    setup_errors = (ValueError, TypeError, KeyError, AssertionError)
 
     def __init__(self, work_dir: str, config_file: Optional[str]) -> None:
         self.work_dir = osp.abspath(work_dir)
@@ -415,6 +421,7 @@ class WorkDirGuard:
         if self.copy and osp.isfile(self.copy):
             with open(self.copy, 'rb') as f:
                 self.copy_bytes = f.read()
+        self.config_name = osp.basename(config_file or 'the config')
         self.has_started = False
 
     def started(self) -> None:
@@ -442,18 +449,31 @@ class WorkDirGuard:
         return self
 
     def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
+        from davit_ext.preflight import USER_ERRORS
         from davit_ext.runtime import process_rank
-        if kind is not None and not self.has_started and \
-                process_rank() == 0:
+        if kind is None or self.has_started:
+            return
+        if process_rank() == 0:
             self.restore()
-            from davit_ext.preflight import USER_ERRORS
-            if not issubclass(kind, USER_ERRORS + (SystemExit, )):
-                # (a user error is printed alone, as one line)
-                print(
-                    f'note: the run failed before it started; {self.work_dir}'
-                    ' was left as it was. The error:',
-                    file=sys.stderr,
-                    flush=True)
+        if issubclass(kind, USER_ERRORS) or not issubclass(kind, Exception):
+            return  # already one line; or an interrupt
+        if issubclass(kind, self.setup_errors) and \
+                not os.environ.get('DAVIT_EXT_TRACEBACK'):
+            # What fails while the runner builds the loaders, optimizer and
+            # schedulers from the config is a config value (lr=-1, an
+            # unknown type, ...): one line, as for the checks before.
+            raise ConfigError(
+                f'the run of {self.config_name} failed while mmengine set it '
+                f'up, before its first step: {kind.__name__}: '
+                f'{_clean(value)}. Fix the config or --cfg-options; '
+                f'{self.work_dir} was left as it was (DAVIT_EXT_TRACEBACK=1 '
+                'shows where it failed).') from None
+        if process_rank() == 0:
+            print(
+                f'note: the run failed before it started; {self.work_dir} '
+                'was left as it was. The error:',
+                file=sys.stderr,
+                flush=True)
 
     def restore(self) -> None:
         """Undo what the failed start wrote."""

@@ -189,22 +189,30 @@ def test_test_tool_checks_out_before_it_starts(call, tiny, out, item, message):
     assert not work.exists()
 
 
-def test_failed_start_leaves_the_work_dir_as_it_was(call, tiny):
+def test_failed_start_leaves_the_work_dir_as_it_was(call, tiny, monkeypatch):
     """An error only the runner meets (torch refuses lr=-1 when the runner
     builds the optimizer, after it made its log folder and copied the
-    config): no new timestamp folder, the old config copy kept."""
+    config): one line, no new timestamp folder, the old config copy kept."""
     root, config, _ = tiny
-    work = root / 'F'
-    before = _previous_run(work)
+    kept = _previous_run(root / 'F')
+    for work, before in ((root / 'F', kept), (root / 'F2', None)):
+        code, _, err = call('train', config, '--work-dir', str(work),
+                            '--cfg-options', 'optim_wrapper.optimizer.lr=-1')
+        assert code == 2
+        assert _one_line(err) == (
+            'the run of tiny.py failed while mmengine set it up, before its '
+            'first step: ValueError: Invalid learning rate: -1. Fix the '
+            f'config or --cfg-options; {work} was left as it was '
+            '(DAVIT_EXT_TRACEBACK=1 shows where it failed).')
+        if before:
+            _unchanged(work, before)
+        else:
+            assert not work.exists()
+    monkeypatch.setenv('DAVIT_EXT_TRACEBACK', '1')
     with pytest.raises(ValueError, match='Invalid learning rate: -1'):
-        call('train', config, '--work-dir', str(work), '--cfg-options',
+        call('train', config, '--work-dir', str(root / 'F'), '--cfg-options',
              'optim_wrapper.optimizer.lr=-1')
-    _unchanged(work, before)
-    fresh = root / 'F2'
-    with pytest.raises(ValueError, match='Invalid learning rate: -1'):
-        call('train', config, '--work-dir', str(fresh), '--cfg-options',
-             'optim_wrapper.optimizer.lr=-1')
-    assert not fresh.exists()
+    _unchanged(root / 'F', kept)
 
 
 def test_work_dir_guard(tmp_path):
