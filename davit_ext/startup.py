@@ -15,6 +15,7 @@ import argparse
 import ast
 import difflib
 import inspect
+import logging
 import os
 import os.path as osp
 import re
@@ -189,10 +190,15 @@ def check_model_builds(cfg: Any) -> None:
     model_cfg = cfg.model.copy()
     if cfg.get('data_preprocessor') is not None:
         model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
+    # The runner builds it again and logs what the build says: not twice.
+    disabled = logging.root.manager.disable
+    logging.disable(logging.INFO)
     try:
         model = MODELS.build(model_cfg)
     except (TypeError, ValueError, KeyError, AssertionError) as err:
         raise ConfigError(_describe_build_error(err, cfg)) from None
+    finally:
+        logging.disable(disabled)
     del model
     gc.collect()
 
