@@ -281,6 +281,23 @@ def test_cfg_options_without_equals(call, tiny):
         '(see train.py --help)')
 
 
+def test_cfg_options_that_do_not_fit_the_config(call, tiny):
+    root, config, _ = tiny
+    # the backbone's type is a string: it cannot take a key
+    code, _, err = call('train', config, '--work-dir', str(root / 'E'),
+                        '--cfg-options', 'model.backbone.type.x=1')
+    assert code == 2
+    msg = _one_line(err)
+    assert msg.startswith(f'--cfg-options cannot be applied to {config}: '
+                          "type={'x': 1} in child config cannot inherit")
+    assert msg.endswith('Check the KEY paths against the config.')
+    code, _, err = call('train', config, '--no-such-flag')
+    assert code == 2
+    assert _one_line(err) == ('unrecognized arguments: --no-such-flag (see '
+                              'train.py --help)')
+    assert not (root / 'E').exists()
+
+
 @pytest.mark.parametrize('option, message', [
     ('model.backbone.frozen_stages=7', 'model.backbone (DaViT): '
      'frozen_stages must be in [-1, 3] (-1 freezes nothing); got 7.'),
