@@ -376,10 +376,12 @@ def check_resume_has_work(cfg: Any, meta: Any, source: str,
         return True
     if done < total:
         return True
+    plural = '' if done == 1 else 's'
+    more = done + (1 if unit == 'epoch' else 1000)
     msg = (f'nothing to resume: checkpoint {source} has already done {done} '
-           f'{unit}s and train_cfg.max_{unit}s is {total}. To train longer, '
-           f'raise it, e.g. --cfg-options train_cfg.max_{unit}s='
-           f'{done + (1 if unit == "epoch" else 1000)}')
+           f'{unit}{plural} and train_cfg.max_{unit}s is {total}. To train '
+           f'longer, raise it, e.g. --cfg-options train_cfg.max_{unit}s='
+           f'{more}')
     if finished_ok:
         print(f'{msg}. Nothing was done.', file=sys.stderr, flush=True)
         return False
