@@ -339,10 +339,14 @@ def check_output_file(path: str, item: Optional[str]) -> None:
     if osp.isdir(path):
         raise ConfigError(f'--out {path} is a folder: give a file in it, '
                           f'e.g. {osp.join(path, "results." + ext)}.')
+    # mmengine makes missing folders when it writes: the first existing
+    # one on the way must be a writable folder.
     folder = osp.dirname(osp.abspath(path))
+    while not osp.exists(folder):
+        folder = osp.dirname(folder)
     if not osp.isdir(folder):
-        raise ConfigError(f'--out {path}: the folder {folder} does not '
-                          'exist; create it first or choose another path.')
+        raise ConfigError(f'--out {path}: {folder} is a file, not a folder; '
+                          'choose another path.')
     if not os.access(folder, os.W_OK):
         raise ConfigError(f'--out {path}: the folder {folder} is not '
                           'writable; choose another path.')

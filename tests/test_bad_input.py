@@ -177,8 +177,8 @@ def test_resume_finished_ok_exits_0_and_says_so(call, tiny):
     ('res.json', 'pred', '--out {out}: the predictions are written as a '
      'pickle, so the file name must end in .pkl or .pickle (for the metrics '
      'as .json or .yaml, add --out-item metrics).'),
-    ('no_dir/res.pkl', None, '--out {out}: the folder {folder} does not '
-     'exist; create it first or choose another path.'),
+    ('a_file/res.pkl', None, '--out {out}: {folder} is a file, not a '
+     'folder; choose another path.'),
 ])
 def test_test_tool_checks_out_before_it_starts(call, tiny, out, item, message):
     root, config, _ = tiny
@@ -187,10 +187,18 @@ def test_test_tool_checks_out_before_it_starts(call, tiny, out, item, message):
     # the checkpoint need not exist: --out is checked first
     argv = [config, str(root / 'absent.pth'), '--work-dir', str(work)]
     argv += ['--out', out] + (['--out-item', item] if item else [])
+    (root / 'a_file').write_text('in the way')
     code, _, err = call('test', *argv)
     assert code == 2
     assert _one_line(err) == message.format(out=out, folder=osp.dirname(out))
     assert not work.exists()
+
+
+def test_out_in_a_folder_still_to_make_is_fine(tmp_path):
+    from davit_ext.startup import check_output_file
+    check_output_file(str(tmp_path / 'new' / 'deeper' / 'res.pkl'), None)
+    check_output_file(str(tmp_path / 'new' / 'm.json'), 'metrics')
+    assert os.listdir(tmp_path) == []  # and nothing made by the check
 
 
 def test_failed_start_leaves_the_work_dir_as_it_was(call, tiny, monkeypatch):
