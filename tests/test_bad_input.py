@@ -227,6 +227,22 @@ def test_failed_start_leaves_the_work_dir_as_it_was(call, tiny, monkeypatch):
     _unchanged(root / 'F', kept)
 
 
+def test_failed_start_of_a_test_leaves_the_work_dir_as_it_was(call, tiny):
+    root, config, ckpt = tiny
+    work = root / 'FT'
+    before = _previous_run(work)
+    code, _, err = call('test', config, ckpt, '--work-dir', str(work),
+                        '--cfg-options', 'test_evaluator.type=NoSuchMetric')
+    assert code == 2
+    msg = _one_line(err)
+    assert msg.startswith(
+        'the run of tiny.py failed while mmengine set it up, before its '
+        'first step: KeyError: NoSuchMetric is not in the ')
+    assert msg.endswith(f'{work} was left as it was (DAVIT_EXT_TRACEBACK=1 '
+                        'shows where it failed).')
+    _unchanged(work, before)
+
+
 def test_work_dir_guard(tmp_path):
     from davit_ext.startup import WorkDirGuard
     work = tmp_path / 'w'
