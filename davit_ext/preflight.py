@@ -110,13 +110,14 @@ def check_datasets(cfg: Any, loaders: Sequence[str]) -> None:
 def check_checkpoint(cfg: Any,
                      checkpoint: str,
                      strict: bool = True,
-                     resume: bool = False) -> None:
+                     resume: bool = False) -> Optional[dict]:
     """Load ``checkpoint`` (path or URL) safely and check it fits the model of
     ``cfg``: same keys and shapes when ``strict`` (resume, test), compatible
     shapes and some shared keys otherwise (fine-tuning). With ``resume``, it
     must also hold the training state mmengine resumes.
 
-    Raises a :class:`~davit_ext.checkpoint.CheckpointError` subclass.
+    Raises a :class:`~davit_ext.checkpoint.CheckpointError` subclass;
+    returns the checkpoint's ``meta`` (None if it has none).
     """
     from mmengine.registry import MODELS, init_default_scope
 
@@ -128,6 +129,7 @@ def check_checkpoint(cfg: Any,
     if cfg.get('data_preprocessor') is not None:
         model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
     model = MODELS.build(model_cfg)
+    meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
     try:
         check_state_dict_fits(
             model,
@@ -138,6 +140,7 @@ def check_checkpoint(cfg: Any,
     finally:
         del model, ckpt
         gc.collect()
+    return meta if isinstance(meta, dict) else None
 
 
 def _check_training_state(ckpt: Any, source: str) -> None:

@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     import davit_ext  # noqa: F401  (our models in mmpretrain's hub)
     from davit_ext import checkpoint
     from davit_ext.hub import load_config
+    from davit_ext.preflight import ConfigError
+    from davit_ext.startup import load_config as read_config
 
     # Checkpoints load with weights_only=True; downloads are checked against
     # the sha256 prefix in their name and fail with a clear message offline.
@@ -60,7 +62,11 @@ def main(argv=None) -> int:
         if not Path(model).is_file():
             print(f'error: no config file at {model!r}', file=sys.stderr)
             return 1
-        model = load_config(model)
+        try:
+            model = read_config(model, load_config)
+        except ConfigError as e:  # e.g. a syntax error: file and line
+            print(f'error: {e}', file=sys.stderr)
+            return 1
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     try:
         result = inference_model(

@@ -271,6 +271,10 @@ def call(capsys, monkeypatch):
     monkeypatch.setenv('LOCAL_RANK', '0')
 
     def run(name, *argv):
+        # mmengine's logger writes to the sys.stdout it was made with: an
+        # earlier test's capture, closed by now. A fresh one per call.
+        from mmengine.logging import MMLogger
+        MMLogger._instance_dict.clear()
         try:
             _tool(name).main(list(argv))
             code = 0

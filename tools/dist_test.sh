@@ -7,6 +7,17 @@
 # CHECKPOINT is a path or an http(s) URL. Multi-node: see tools/dist_train.sh.
 set -e
 
+# Counts that are not whole numbers fail much later (a traceback or
+# a bare AssertionError): refuse them here with one line.
+need_int() {  # NAME VALUE MIN HINT
+  case "$2" in
+    '' | *[!0-9]*) ;;
+    *) [ "$2" -ge "$3" ] && return 0 ;;
+  esac
+  echo "error: $1 must be a whole number >= $3$4; got '$2'." >&2
+  exit 2
+}
+
 if [ $# -lt 3 ]; then
   echo "usage: bash $0 CONFIG CHECKPOINT GPUS [tools/test.py options]" >&2
   exit 2
@@ -18,6 +29,10 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 PORT=${PORT:-29500}
 MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
+need_int GPUS "$GPUS" 1 " (processes on this node, e.g. bash tools/dist_test.sh CONFIG CHECKPOINT 2)"
+need_int NNODES "$NNODES" 1 ""
+need_int NODE_RANK "$NODE_RANK" 0 " (this node's index, 0..NNODES-1)"
+need_int PORT "$PORT" 1 " (a free TCP port)"
 
 PYTHONPATH="$(dirname "$0")/..":$PYTHONPATH \
 python "$(dirname "$0")/launch.py" \

@@ -6,7 +6,18 @@
 #
 # e.g. GPUS=16 bash tools/slurm_train.sh gpu davit-t \
 #          configs/davit/davit-tiny_4xb256_in1k.py work_dirs/davit-t
-set -ex
+set -e
+
+# Counts that are not whole numbers fail much later (a traceback or
+# a bare AssertionError): refuse them here with one line.
+need_int() {  # NAME VALUE MIN HINT
+  case "$2" in
+    '' | *[!0-9]*) ;;
+    *) [ "$2" -ge "$3" ] && return 0 ;;
+  esac
+  echo "error: $1 must be a whole number >= $3$4; got '$2'." >&2
+  exit 2
+}
 
 if [ $# -lt 3 ]; then
   echo "usage: bash $0 PARTITION JOB_NAME CONFIG [WORK_DIR] [options]" >&2
@@ -20,6 +31,10 @@ GPUS=${GPUS:-8}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 CPUS_PER_TASK=${CPUS_PER_TASK:-5}
 SRUN_ARGS=${SRUN_ARGS:-""}
+need_int GPUS "$GPUS" 1 " (all processes, one per GPU, e.g. GPUS=16 bash tools/slurm_train.sh PARTITION JOB_NAME CONFIG)"
+need_int GPUS_PER_NODE "$GPUS_PER_NODE" 1 ""
+need_int CPUS_PER_TASK "$CPUS_PER_TASK" 1 ""
+set -x
 PY_ARGS=${@:5}
 
 PYTHONPATH="$(dirname "$0")/..":$PYTHONPATH \

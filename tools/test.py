@@ -8,8 +8,14 @@ CHECKPOINT is a path or an http(s) URL (downloaded once into torch's hub
 cache; a name ending in -<8 hex>.pth is checked against the file's sha256).
 It is read with weights_only=True and an allowlist, and must fit the
 config's model exactly. Without CUDA, distributed tests use gloo on CPUs.
+
+Mistakes stop the test with one line before anything is evaluated or
+written: --out must end in .pkl/.pickle for the predictions (or .json,
+.yaml, .pkl with --out-item metrics) in an existing folder; a config with a
+syntax error, --cfg-options without '=', a misspelt or out-of-range model
+argument and batch_size=0 are refused (davit_ext.startup). An error while the
+runner starts leaves the work_dir as it was.
 """
-import argparse
 import os
 import os.path as osp
 import sys
@@ -23,9 +29,10 @@ warnings.filterwarnings('ignore', message='Fail to import ``MultiScale')
 
 
 def parse_args(argv=None):
-    from mmengine.config import DictAction
+    from davit_ext.startup import CfgOptionsAction, ToolArgumentParser
 
-    parser = argparse.ArgumentParser(
+    parser = ToolArgumentParser(
+        prog=osp.basename(__file__),
         description='Test (and evaluate) a model checkpoint')
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file path or URL')
@@ -40,7 +47,7 @@ def parse_args(argv=None):
     parser.add_argument(
         '--cfg-options',
         nargs='+',
-        action=DictAction,
+        action=CfgOptionsAction,
         help='override config settings, key=value pairs, e.g. '
         'test_dataloader.batch_size=32; lists as key="[a,b]" (quotes '
         'needed, no white space)')
@@ -125,7 +132,12 @@ def merge_args(cfg, args):
         cfg.test_dataloader = loader
 
     if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
+        try:
+            cfg.merge_from_dict(args.cfg_options)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ConfigError(
+                f'--cfg-options cannot be applied to {args.config}: '
+                f'{err}. Check the KEY paths against the config.') from None
     return cfg
 
 
@@ -166,30 +178,39 @@ def _test(args):
     import davit_ext  # noqa: F401  (registers our modules and mmpretrain's)
     from davit_ext import checkpoint, runtime
     from davit_ext.preflight import (ConfigError, check_checkpoint,
-                                     check_config_path, check_datasets)
+                                     check_datasets)
+    from davit_ext.startup import (WorkDirGuard, check_dataloaders,
+                                   check_model_builds, check_output_file,
+                                   load_config)
 
     if args.out is None and args.out_item is not None:
         raise ConfigError('--out-item needs --out FILE: the file to write '
                           f'the {args.out_item} to.')
+    if args.out is not None:
+        # now, not after a whole evaluation
+        check_output_file(args.out, args.out_item)
     checkpoint.install()
-    cfg = Config.fromfile(check_config_path(args.config))
+    cfg = load_config(args.config, Config.fromfile)
     cfg = merge_args(cfg, args)
     runtime.adapt_config_to_device(cfg)
     check_datasets(cfg, ['test_dataloader'])
+    check_dataloaders(cfg, ['test_dataloader'])
+    check_model_builds(cfg)
     check_checkpoint(cfg, cfg.load_from, strict=True)
     if args.tta:
         apply_tta(cfg)
     runtime.init_distributed(cfg.launcher, cfg.env_cfg.get('dist_cfg', {}))
 
-    if 'runner_type' not in cfg:
-        runner = Runner.from_cfg(cfg)
-    else:
-        runner = RUNNERS.build(cfg)
-
-    if args.out and args.out_item in ('pred', None):
-        runner.test_evaluator.metrics.append(
-            DumpResults(out_file_path=args.out))
-    metrics = runner.test()
+    with WorkDirGuard(cfg.work_dir, cfg.filename) as guard:
+        if 'runner_type' not in cfg:
+            runner = Runner.from_cfg(cfg)
+        else:
+            runner = RUNNERS.build(cfg)
+        runner.register_hook(guard.hook(), priority='HIGHEST')
+        if args.out and args.out_item in ('pred', None):
+            runner.test_evaluator.metrics.append(
+                DumpResults(out_file_path=args.out))
+        metrics = runner.test()
     if args.out and args.out_item == 'metrics':
         mmengine.dump(metrics, args.out)
     return metrics

@@ -1,6 +1,7 @@
 """Train a model with an mmengine config (mmpretrain's command line).
 
     python tools/train.py CONFIG [--work-dir DIR] [--resume [CHECKPOINT]]
+        [--resume-finished-ok]
         [--amp] [--no-validate] [--auto-scale-lr] [--cfg-options K=V ...]
         [--launcher none|pytorch|slurm|mpi]
 
@@ -11,11 +12,16 @@ davit_ext additions, all automatic:
 - without CUDA the run uses the gloo backend and CPU DDP (davit_ext.runtime);
 - missing data, a missing/damaged/mismatched checkpoint, or an impossible
   option stop the run with one message before anything is written
-  (davit_ext.preflight);
+  (davit_ext.preflight, davit_ext.startup): a config with a syntax error,
+  --cfg-options without '=', a misspelt or out-of-range model argument,
+  batch_size=0, a --resume with nothing left to train (max_epochs/max_iters
+  already reached: exit status 2, or 0 with --resume-finished-ok);
+- an error while the runner starts (before the first training step) leaves
+  the work_dir as it was: no new timestamp folder, the previous run's
+  config copy kept (davit_ext.startup.WorkDirGuard);
 - the random generators are saved with every checkpoint and restored on
   resume (davit_ext.hooks.RandomStateHook).
 """
-import argparse
 import os
 import os.path as osp
 import sys
@@ -29,9 +35,10 @@ warnings.filterwarnings('ignore', message='Fail to import ``MultiScale')
 
 
 def parse_args(argv=None):
-    from mmengine.config import DictAction
+    from davit_ext.startup import CfgOptionsAction, ToolArgumentParser
 
-    parser = argparse.ArgumentParser(description='Train a model')
+    parser = ToolArgumentParser(
+        prog=osp.basename(__file__), description='Train a model')
     parser.add_argument('config', help='train config file path')
     parser.add_argument('--work-dir', help='the dir to save logs and models')
     parser.add_argument(
@@ -41,6 +48,12 @@ def parse_args(argv=None):
         const='auto',
         help='resume from this checkpoint (path or URL); without a value, '
         'from the latest checkpoint in the work directory')
+    parser.add_argument(
+        '--resume-finished-ok',
+        action='store_true',
+        help='with --resume: if the checkpoint already reached '
+        'train_cfg.max_epochs (max_iters), say so and exit with status 0 '
+        '(default: status 2, as nothing would be trained)')
     parser.add_argument(
         '--amp',
         action='store_true',
@@ -65,7 +78,7 @@ def parse_args(argv=None):
     parser.add_argument(
         '--cfg-options',
         nargs='+',
-        action=DictAction,
+        action=CfgOptionsAction,
         help='override config settings, key=value pairs, e.g. '
         'train_cfg.max_epochs=10 or model.backbone.arch=s; lists as '
         'key="[a,b]" (quotes needed, no white space)')
@@ -143,7 +156,12 @@ def merge_args(cfg, args):
         cfg[field] = loader
 
     if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
+        try:
+            cfg.merge_from_dict(args.cfg_options)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ConfigError(
+                f'--cfg-options cannot be applied to {args.config}: '
+                f'{err}. Check the KEY paths against the config.') from None
 
     # Saves/restores the random generators so that resuming is exact.
     hooks = list(cfg.get('custom_hooks', None) or [])
@@ -155,26 +173,38 @@ def merge_args(cfg, args):
 
 
 def preflight(cfg, args):
-    """Everything that can be checked before the runner touches the disk."""
+    """Everything that can be checked before the runner touches the disk.
+
+    Returns False when there is nothing to train (a finished resume with
+    --resume-finished-ok).
+    """
     from mmengine.runner import find_latest_checkpoint
 
     from davit_ext.preflight import check_checkpoint, check_datasets
+    from davit_ext.startup import (check_dataloaders, check_model_builds,
+                                   check_resume_has_work)
 
     loaders = ['train_dataloader']
     if cfg.get('val_cfg') is not None and cfg.get('val_dataloader'):
         loaders.append('val_dataloader')
     check_datasets(cfg, loaders)
+    check_dataloaders(cfg, loaders)
+    check_model_builds(cfg)
 
+    source = None
     if cfg.get('resume') and cfg.get('load_from'):
-        check_checkpoint(cfg, cfg.load_from, strict=True, resume=True)
+        source = cfg.load_from
     elif cfg.get('resume'):
-        latest = find_latest_checkpoint(cfg.work_dir) \
+        source = find_latest_checkpoint(cfg.work_dir) \
             if osp.isdir(cfg.work_dir) else None
-        if latest is not None:
-            check_checkpoint(cfg, latest, strict=True, resume=True)
     elif cfg.get('load_from'):
         # Fine-tuning may replace the head: shared keys must fit.
         check_checkpoint(cfg, cfg.load_from, strict=False)
+    if source is not None:
+        meta = check_checkpoint(cfg, source, strict=True, resume=True)
+        return check_resume_has_work(cfg, meta, source,
+                                     args.resume_finished_ok)
+    return True
 
 
 def main(argv=None):
@@ -192,20 +222,23 @@ def _train(args):
     import davit_ext  # noqa: F401  (registers our modules and mmpretrain's)
     import davit_ext.hooks  # noqa: F401
     from davit_ext import checkpoint, runtime
-    from davit_ext.preflight import check_config_path
+    from davit_ext.startup import WorkDirGuard, load_config
 
     checkpoint.install()
-    cfg = Config.fromfile(check_config_path(args.config))
+    cfg = load_config(args.config, Config.fromfile)
     cfg = merge_args(cfg, args)
     runtime.adapt_config_to_device(cfg)
-    preflight(cfg, args)
+    if not preflight(cfg, args):
+        return
     runtime.init_distributed(cfg.launcher, cfg.env_cfg.get('dist_cfg', {}))
 
-    if 'runner_type' not in cfg:
-        runner = Runner.from_cfg(cfg)
-    else:
-        runner = RUNNERS.build(cfg)
-    runner.train()
+    with WorkDirGuard(cfg.work_dir, cfg.filename) as guard:
+        if 'runner_type' not in cfg:
+            runner = Runner.from_cfg(cfg)
+        else:
+            runner = RUNNERS.build(cfg)
+        runner.register_hook(guard.hook(), priority='HIGHEST')
+        runner.train()
 
 
 if __name__ == '__main__':

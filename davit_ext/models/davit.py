@@ -683,6 +683,9 @@ class DaViT(BaseBackbone):
                 f'DaViT: frozen_stages must be in [-1, {self.num_layers - 1}]'
                 f' (-1 freezes nothing); got {frozen_stages}.')
         self.frozen_stages = frozen_stages
+        if not 0 <= drop_path_rate < 1:  # 1 drops every block: NaN
+            raise ValueError('DaViT: drop_path_rate must be in [0, 1); got '
+                             f'{drop_path_rate}.')
         self.norm_eval = norm_eval
         self.out_after_downsample = out_after_downsample
         self.official = official
@@ -704,6 +707,10 @@ class DaViT(BaseBackbone):
                 pad_small_map=pad_small_map,
                 with_cp=with_cp)
             cfg.update(stage_cfgs[i])
+            if not isinstance(cfg['window_size'], int) or \
+                    cfg['window_size'] < 1:
+                raise ValueError('DaViT: window_size must be an integer >= 1'
+                                 f' (stage {i}); got {cfg["window_size"]!r}.')
             stage = DaViTStage(
                 channels,
                 depth,
