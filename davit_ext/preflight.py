@@ -112,13 +112,23 @@ def check_checkpoint(cfg: Any,
                      strict: bool = True,
                      resume: bool = False) -> None:
     """Load ``checkpoint`` (path or URL) safely and check it fits the model of
-    ``cfg``: same keys and shapes when ``strict`` (resume, test), compatible
-    shapes and some shared keys otherwise (fine-tuning). With ``resume``, it
-    must also hold the training state mmengine resumes.
+    ``cfg``.
 
-    Raises a :class:`~davit_ext.checkpoint.CheckpointError` subclass.
+    Args:
+        cfg (Config): The run's config (its ``model``).
+        checkpoint (str): Path or URL.
+        strict (bool): Same keys and shapes (resume, test). Otherwise the
+            fine-tuning policy of :func:`davit_ext.finetune.fit_pretrained`
+            (``load_from``): the head may differ, the backbone may not.
+        resume (bool): The checkpoint must also hold the training state
+            mmengine resumes.
+
+    Raises:
+        CheckpointError: a subclass saying what does not fit and what to do.
     """
     from mmengine.registry import MODELS, init_default_scope
+
+    from davit_ext.finetune import fit_pretrained
 
     ckpt = load_checkpoint_file(checkpoint, map_location='cpu')
     if resume:
@@ -128,13 +138,13 @@ def check_checkpoint(cfg: Any,
     if cfg.get('data_preprocessor') is not None:
         model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
     model = MODELS.build(model_cfg)
+    name = f'the model of {_config_name(cfg)}'
     try:
-        check_state_dict_fits(
-            model,
-            ckpt,
-            checkpoint,
-            strict=strict,
-            model_name=f'the model of {_config_name(cfg)}')
+        if strict:
+            check_state_dict_fits(
+                model, ckpt, checkpoint, strict=True, model_name=name)
+        else:
+            fit_pretrained(model, ckpt, checkpoint, model_name=name)
     finally:
         del model, ckpt
         gc.collect()

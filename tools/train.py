@@ -13,7 +13,10 @@ davit_ext additions, all automatic:
   option stop the run with one message before anything is written
   (davit_ext.preflight);
 - the random generators are saved with every checkpoint and restored on
-  resume (davit_ext.hooks.RandomStateHook).
+  resume (davit_ext.hooks.RandomStateHook);
+- ``load_from`` may hold another head (num_classes): every tensor that fits
+  is loaded and one warning lists those that keep their initialisation; a
+  backbone of another arch is refused (davit_ext.finetune).
 """
 import argparse
 import os
@@ -150,6 +153,11 @@ def merge_args(cfg, args):
     if not any(
             str(h.get('type', '')).endswith('RandomStateHook') for h in hooks):
         hooks.append(dict(type='davit_ext.RandomStateHook'))
+    # load_from under the fine-tuning policy: a new head loads with one
+    # warning, another backbone arch is refused (resume stays strict).
+    if not any(
+            str(h.get('type', '')).endswith('FitLoadFromHook') for h in hooks):
+        hooks.append(dict(type='davit_ext.FitLoadFromHook'))
     cfg.custom_hooks = hooks
     return cfg
 
@@ -173,7 +181,7 @@ def preflight(cfg, args):
         if latest is not None:
             check_checkpoint(cfg, latest, strict=True, resume=True)
     elif cfg.get('load_from'):
-        # Fine-tuning may replace the head: shared keys must fit.
+        # Fine-tuning may replace the head, not the backbone.
         check_checkpoint(cfg, cfg.load_from, strict=False)
 
 
