@@ -30,7 +30,7 @@ from davit_ext.registry import HOOKS
 
 __all__ = [
     'WeightsFit', 'fit_pretrained', 'check_backbone_weights', 'fit_warning',
-    'FitLoadFromHook', 'BACKBONE_PREFIX'
+    'FitLoadFromHook', 'BACKBONE_PREFIX', 'state_dict_of'
 ]
 
 BACKBONE_PREFIX = 'backbone.'

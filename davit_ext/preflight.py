@@ -19,8 +19,8 @@ class CheckpointStateError(CheckpointError):
 
 __all__ = [
     'ConfigError', 'DatasetNotFoundError', 'CheckpointStateError',
-    'USER_ERRORS', 'check_datasets', 'check_checkpoint', 'check_config_path',
-    'run_tool', 'DATASET_PREPARE_URL'
+    'USER_ERRORS', 'check_datasets', 'check_checkpoint', 'check_backbone_init',
+    'check_config_path', 'run_tool', 'DATASET_PREPARE_URL'
 ]
 
 DATASET_PREPARE_URL = ('https://mmpretrain.readthedocs.io/en/latest/'
@@ -147,6 +147,61 @@ def check_checkpoint(cfg: Any,
             fit_pretrained(model, ckpt, checkpoint, model_name=name)
     finally:
         del model, ckpt
+        gc.collect()
+
+
+def check_backbone_init(cfg: Any) -> None:
+    """Check ``model.backbone.init_cfg=dict(type='Pretrained', ...)`` before
+    the run: the checkpoint (after its ``prefix``) must be the backbone's arch
+    (:func:`davit_ext.finetune.fit_pretrained`; output norms may be new).
+
+    Args:
+        cfg (Config): The run's config.
+
+    Raises:
+        CheckpointError: a subclass saying what does not fit and what to do.
+    """
+    from mmengine.registry import MODELS, init_default_scope
+
+    from davit_ext.checkpoint import CheckpointMismatchError
+    from davit_ext.finetune import fit_pretrained, state_dict_of
+
+    backbone = cfg.model.get('backbone')
+    init = backbone.get('init_cfg') if backbone else None
+    if not isinstance(init, dict) or init.get('type') != 'Pretrained' or \
+            not init.get('checkpoint'):
+        return
+    source = init['checkpoint']
+    state = state_dict_of(
+        load_checkpoint_file(source, map_location='cpu'), source)
+    prefix = init.get('prefix')
+    if prefix:
+        prefix = prefix if prefix.endswith('.') else prefix + '.'
+        state = {
+            k[len(prefix):]: v
+            for k, v in state.items() if k.startswith(prefix)
+        }
+        if not state:
+            raise CheckpointMismatchError(
+                f'checkpoint {source} has no key starting with {prefix!r} '
+                f'(model.backbone.init_cfg.prefix): set the prefix its '
+                f'backbone keys have (\'backbone\' for mmpretrain '
+                f'classifiers), or none for a bare backbone state dict.')
+    init_default_scope(cfg.get('default_scope', 'davit_ext'))
+    model_cfg = backbone.copy()
+    model_cfg.pop('init_cfg')
+    if '_scope_' in cfg.model and '_scope_' not in model_cfg:
+        model_cfg['_scope_'] = cfg.model['_scope_']
+    model = MODELS.build(model_cfg)
+    try:
+        fit_pretrained(
+            model,
+            state,
+            source,
+            model_name=f'the model of {_config_name(cfg)}',
+            backbone_prefix='')
+    finally:
+        del model, state
         gc.collect()
 
 

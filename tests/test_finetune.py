@@ -180,6 +180,38 @@ def test_load_from_another_arch_is_refused(data, capsys, davit_scope):
     assert not work.exists()
 
 
+def test_init_cfg_of_another_arch_is_refused(data, capsys, davit_scope):
+    work = data.root / 'refused_init'
+    with pytest.raises(SystemExit) as exc:
+        _tool('train').main([
+            data.config, '--work-dir',
+            str(work), '--cfg-options',
+            'model.backbone.init_cfg.type=Pretrained',
+            f'model.backbone.init_cfg.checkpoint={data.other}',
+            'model.backbone.init_cfg.prefix=backbone'
+        ])
+    assert exc.value.code == 2
+    msg = _one_line(capsys.readouterr().err)
+    assert msg.startswith(
+        f'error: checkpoint {data.other} does not fit the backbone of the '
+        'model of cfg.py: it was trained with another arch (144 '
+        'tensor(s) of another shape: patch_embed.projection.weight '
+        '(checkpoint (24, 3, 7, 7), model (16, 3, 7, 7)), ')
+    assert not work.exists()
+    # the same arch passes; a prefix the checkpoint lacks does not
+    from davit_ext.preflight import check_backbone_init
+    cfg = Config.fromfile(data.config)
+    cfg.model.backbone.init_cfg = dict(
+        type='Pretrained', checkpoint=data.published, prefix='backbone')
+    check_backbone_init(cfg)
+    cfg.model.backbone.init_cfg.prefix = 'model'
+    with pytest.raises(
+            CheckpointMismatchError,
+            match='no key starting with '
+            "'model.' \\(model.backbone.init_cfg.prefix\\)"):
+        check_backbone_init(cfg)
+
+
 def test_fit_policy(data):
     model = _classifier(3)
     # another depth: same shapes where keys are shared, one more block

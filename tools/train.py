@@ -166,7 +166,8 @@ def preflight(cfg, args):
     """Everything that can be checked before the runner touches the disk."""
     from mmengine.runner import find_latest_checkpoint
 
-    from davit_ext.preflight import check_checkpoint, check_datasets
+    from davit_ext.preflight import (check_backbone_init, check_checkpoint,
+                                     check_datasets)
 
     loaders = ['train_dataloader']
     if cfg.get('val_cfg') is not None and cfg.get('val_dataloader'):
@@ -183,6 +184,9 @@ def preflight(cfg, args):
     elif cfg.get('load_from'):
         # Fine-tuning may replace the head, not the backbone.
         check_checkpoint(cfg, cfg.load_from, strict=False)
+    if not cfg.get('resume'):
+        # model.backbone.init_cfg=dict(type='Pretrained'): the same arch.
+        check_backbone_init(cfg)
 
 
 def main(argv=None):
