@@ -19,8 +19,8 @@ class CheckpointStateError(CheckpointError):
 
 __all__ = [
     'ConfigError', 'DatasetNotFoundError', 'CheckpointStateError',
-    'USER_ERRORS', 'check_datasets', 'check_checkpoint', 'check_config_path',
-    'run_tool', 'DATASET_PREPARE_URL'
+    'USER_ERRORS', 'check_datasets', 'check_checkpoint', 'check_backbone_init',
+    'check_config_path', 'run_tool', 'DATASET_PREPARE_URL'
 ]
 
 DATASET_PREPARE_URL = ('https://mmpretrain.readthedocs.io/en/latest/'
@@ -112,14 +112,26 @@ def check_checkpoint(cfg: Any,
                      strict: bool = True,
                      resume: bool = False) -> Optional[dict]:
     """Load ``checkpoint`` (path or URL) safely and check it fits the model of
-    ``cfg``: same keys and shapes when ``strict`` (resume, test), compatible
-    shapes and some shared keys otherwise (fine-tuning). With ``resume``, it
-    must also hold the training state mmengine resumes.
+    ``cfg``.
 
-    Raises a :class:`~davit_ext.checkpoint.CheckpointError` subclass;
-    returns the checkpoint's ``meta`` (None if it has none).
+    Args:
+        cfg (Config): The run's config (its ``model``).
+        checkpoint (str): Path or URL.
+        strict (bool): Same keys and shapes (resume, test). Otherwise the
+            fine-tuning policy of :func:`davit_ext.finetune.fit_pretrained`
+            (``load_from``): the head may differ, the backbone may not.
+        resume (bool): The checkpoint must also hold the training state
+            mmengine resumes.
+
+    Returns:
+        dict | None: The checkpoint's ``meta`` (None if it has none).
+
+    Raises:
+        CheckpointError: a subclass saying what does not fit and what to do.
     """
     from mmengine.registry import MODELS, init_default_scope
+
+    from davit_ext.finetune import fit_pretrained
 
     ckpt = load_checkpoint_file(checkpoint, map_location='cpu')
     if resume:
@@ -130,17 +142,72 @@ def check_checkpoint(cfg: Any,
         model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
     model = MODELS.build(model_cfg)
     meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
+    name = f'the model of {_config_name(cfg)}'
     try:
-        check_state_dict_fits(
-            model,
-            ckpt,
-            checkpoint,
-            strict=strict,
-            model_name=f'the model of {_config_name(cfg)}')
+        if strict:
+            check_state_dict_fits(
+                model, ckpt, checkpoint, strict=True, model_name=name)
+        else:
+            fit_pretrained(model, ckpt, checkpoint, model_name=name)
     finally:
         del model, ckpt
         gc.collect()
     return meta if isinstance(meta, dict) else None
+
+
+def check_backbone_init(cfg: Any) -> None:
+    """Check ``model.backbone.init_cfg=dict(type='Pretrained', ...)`` before
+    the run: the checkpoint (after its ``prefix``) must be the backbone's arch
+    (:func:`davit_ext.finetune.fit_pretrained`; output norms may be new).
+
+    Args:
+        cfg (Config): The run's config.
+
+    Raises:
+        CheckpointError: a subclass saying what does not fit and what to do.
+    """
+    from mmengine.registry import MODELS, init_default_scope
+
+    from davit_ext.checkpoint import CheckpointMismatchError
+    from davit_ext.finetune import fit_pretrained, state_dict_of
+
+    backbone = cfg.model.get('backbone')
+    init = backbone.get('init_cfg') if backbone else None
+    if not isinstance(init, dict) or init.get('type') != 'Pretrained' or \
+            not init.get('checkpoint'):
+        return
+    source = init['checkpoint']
+    state = state_dict_of(
+        load_checkpoint_file(source, map_location='cpu'), source)
+    prefix = init.get('prefix')
+    if prefix:
+        prefix = prefix if prefix.endswith('.') else prefix + '.'
+        state = {
+            k[len(prefix):]: v
+            for k, v in state.items() if k.startswith(prefix)
+        }
+        if not state:
+            raise CheckpointMismatchError(
+                f'checkpoint {source} has no key starting with {prefix!r} '
+                f'(model.backbone.init_cfg.prefix): set the prefix its '
+                f'backbone keys have (\'backbone\' for mmpretrain '
+                f'classifiers), or none for a bare backbone state dict.')
+    init_default_scope(cfg.get('default_scope', 'davit_ext'))
+    model_cfg = backbone.copy()
+    model_cfg.pop('init_cfg')
+    if '_scope_' in cfg.model and '_scope_' not in model_cfg:
+        model_cfg['_scope_'] = cfg.model['_scope_']
+    model = MODELS.build(model_cfg)
+    try:
+        fit_pretrained(
+            model,
+            state,
+            source,
+            model_name=f'the model of {_config_name(cfg)}',
+            backbone_prefix='')
+    finally:
+        del model, state
+        gc.collect()
 
 
 def _check_training_state(ckpt: Any, source: str) -> None:

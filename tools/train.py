@@ -20,7 +20,10 @@ davit_ext additions, all automatic:
   the work_dir as it was: no new timestamp folder, the previous run's
   config copy kept (davit_ext.startup.WorkDirGuard);
 - the random generators are saved with every checkpoint and restored on
-  resume (davit_ext.hooks.RandomStateHook).
+  resume (davit_ext.hooks.RandomStateHook);
+- ``load_from`` may hold another head (num_classes): every tensor that fits
+  is loaded and one warning lists those that keep their initialisation; a
+  backbone of another arch is refused (davit_ext.finetune).
 """
 import os
 import os.path as osp
@@ -168,6 +171,11 @@ def merge_args(cfg, args):
     if not any(
             str(h.get('type', '')).endswith('RandomStateHook') for h in hooks):
         hooks.append(dict(type='davit_ext.RandomStateHook'))
+    # load_from under the fine-tuning policy: a new head loads with one
+    # warning, another backbone arch is refused (resume stays strict).
+    if not any(
+            str(h.get('type', '')).endswith('FitLoadFromHook') for h in hooks):
+        hooks.append(dict(type='davit_ext.FitLoadFromHook'))
     cfg.custom_hooks = hooks
     return cfg
 
@@ -180,7 +188,8 @@ def preflight(cfg, args):
     """
     from mmengine.runner import find_latest_checkpoint
 
-    from davit_ext.preflight import check_checkpoint, check_datasets
+    from davit_ext.preflight import (check_backbone_init, check_checkpoint,
+                                     check_datasets)
     from davit_ext.startup import (check_dataloaders, check_model_builds,
                                    check_resume_has_work)
 
@@ -198,8 +207,11 @@ def preflight(cfg, args):
         source = find_latest_checkpoint(cfg.work_dir) \
             if osp.isdir(cfg.work_dir) else None
     elif cfg.get('load_from'):
-        # Fine-tuning may replace the head: shared keys must fit.
+        # Fine-tuning may replace the head, not the backbone.
         check_checkpoint(cfg, cfg.load_from, strict=False)
+    if not cfg.get('resume'):
+        # model.backbone.init_cfg=dict(type='Pretrained'): the same arch.
+        check_backbone_init(cfg)
     if source is not None:
         meta = check_checkpoint(cfg, source, strict=True, resume=True)
         return check_resume_has_work(cfg, meta, source,

@@ -858,7 +858,54 @@ class DaViT(BaseBackbone):
             # The original model pools first, then normalises.
             return norm(x.mean(dim=(1, 2)))
         if isinstance(norm, nn.LayerNorm):
-            # (B, H, W, C) -> (B, C, H, W) as a channels-last view.
-            return norm(x).permute(0, 3, 1, 2)
+            # (B, H, W, C) -> contiguous (B, C, H, W): downstream code
+            # (.view, necks) expects mmpretrain's layout; one copy of an
+            # output map.
+            return norm(x).permute(0, 3, 1, 2).contiguous()
         # Other norms (BN, GN, ...) take NCHW.
-        return norm(x.permute(0, 3, 1, 2))
+        return norm(x.permute(0, 3, 1, 2)).contiguous()
+
+    # ------------------------------------------------------------ fine-tune
+    def get_layer_depth(self,
+                        param_name: str,
+                        prefix: str = '') -> Tuple[int, int]:
+        """Layer depth of a parameter, for layer-wise lr decay (mmpretrain's
+        ``LearningRateDecayOptimWrapperConstructor``).
+
+        Depth 0 is the stem; each DaViT block (spatial + channel) is one
+        layer, in order; a stage's downsample shares the depth of the
+        stage's last block; the output norms and everything outside the
+        backbone (neck, head) are the last layer.
+
+        Args:
+            param_name (str): Name of the parameter, e.g.
+                ``'backbone.stages.2.blocks.1.spatial_block.norm1.weight'``.
+            prefix (str): Prefix of the backbone's parameters in
+                ``param_name``, e.g. ``'backbone.'``. Defaults to ``''``.
+
+        Returns:
+            tuple[int, int]: The parameter's depth and the number of depths
+            (``sum(depths) + 2``).
+        """
+        num_layers = sum(self.depths) + 2
+        if not param_name.startswith(prefix):
+            return num_layers - 1, num_layers  # neck, head
+        parts = param_name[len(prefix):].split('.')
+        if parts[0] == 'patch_embed':
+            return 0, num_layers
+        if parts[0] == 'stages' and len(parts) > 2:
+            stage = int(parts[1])
+            before = sum(self.depths[:stage])
+            if parts[2] == 'blocks':
+                return before + int(parts[3]) + 1, num_layers
+            return before + self.depths[stage], num_layers  # downsample
+        return num_layers - 1, num_layers  # output norms
+
+    def _load_from_state_dict(self, state_dict: Dict, prefix: str, *args,
+                              **kwargs) -> None:
+        # Weights of another arch are refused here, whatever loads them:
+        # mmengine's loaders (get_model, init_cfg, load_from) would skip
+        # them with a warning and leave a randomly initialised backbone.
+        from davit_ext.finetune import check_backbone_weights
+        check_backbone_weights(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
