@@ -136,7 +136,8 @@ def load_from_florence2(filename: str, map_location: Any = None) -> Dict:
             f'access: fetch {name} from https://huggingface.co/'
             f'{"/".join(parts[1:3])} on another machine, convert its vision '
             f'tower with "python {CONVERTER} {name} tower.pth" and pass '
-            "pretrained='tower.pth' (or load_from='tower.pth' in a config);"
+            "pretrained='tower.pth' (in a fine-tuning config: "
+            "model.backbone.init_cfg.checkpoint='tower.pth');"
             f' or copy {name} to {osp.join(cache_dir, name)}, where it is '
             'found without downloading.') from None
     state_dict, info = load_vision_tower(local)
