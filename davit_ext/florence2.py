@@ -126,8 +126,18 @@ def load_from_florence2(filename: str, map_location: Any = None) -> Dict:
     repo = '--'.join(parts[1:3]) if len(parts) > 3 else 'florence2'
     import torch
     cache_dir = osp.join(torch.hub.get_dir(), 'checkpoints', 'florence2', repo)
+    from mmengine.dist import barrier, get_dist_info
+    rank, world_size = get_dist_info()
     try:
-        local = download_checkpoint(url, cache_dir=cache_dir)
+        # Distributed: rank 0 downloads while the others wait (as mmengine's
+        # loader does), then they find the file in the cache.
+        if world_size > 1 and rank != 0:
+            barrier()
+        try:
+            local = download_checkpoint(url, cache_dir=cache_dir)
+        finally:
+            if world_size > 1 and rank == 0:
+                barrier()
     except CheckpointDownloadError as e:
         name = parts[-1]
         raise CheckpointDownloadError(
