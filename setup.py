@@ -106,8 +106,10 @@ setup(
     extras_require={
         'tests': [
             'pytest', 'timm>=1.0', 'scikit-learn', 'onnx', 'onnxruntime',
-            'pre-commit'
+            'pre-commit', 'safetensors'
         ],
+        # .safetensors checkpoints (e.g. Florence-2's model.safetensors).
+        'safetensors': ['safetensors'],
     },
     classifiers=[
         'Programming Language :: Python :: 3',

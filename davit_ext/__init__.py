@@ -16,11 +16,14 @@ from . import hub  # noqa: E402,F401  (mmpretrain's model hub serves ours)
 from . import models  # noqa: E402,F401  (registers DaViT)
 from .analysis import register_flop_handles  # noqa: E402
 from .checkpoint import install as _install_safe_checkpoints  # noqa: E402
+from .florence2 import install as _install_florence2  # noqa: E402
 from .registry import MODELS  # noqa: E402,F401
 
 register_flop_handles()
 # mmengine's loaders, as used by the runner, get_model and inference_model,
 # load with weights_only=True and our allowlist (torch >= 2.6 checkpoints).
 _install_safe_checkpoints()
+# The florence2:// weights of the -fl hub models (converted when loaded).
+_install_florence2()
 
 __all__ = ['__version__', 'MODELS', 'models']

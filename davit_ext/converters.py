@@ -13,8 +13,23 @@ Three layouts hold the same tensors under different names:
   ``patch_embeds.{i}`` (i >= 1) the downsample in front of stage i,
   ``main_blocks.{i}.{j}.{0,1}.*`` with ``cpe.{0,1}`` position encodings,
   ``norms`` (output norm) and ``head`` (the classifier ``Linear``).
+- ``florence2`` (source only): the DaViT vision tower inside a Florence-2
+  checkpoint (microsoft/Florence-2-base / -large): ``vision_tower.convs.{i}``
+  (stem, then the downsample in front of stage i), ``vision_tower.blocks.{s}.
+  {b}.{spatial,channel}_block.*`` with pre-norm wrappers (``window_attn.norm``
+  / ``window_attn.fn``, ``ffn.fn.net.fc1`` ...). Florence-2 deleted the
+  tower's output norm and classifier before training: a conversion from it
+  adds the output norm as an identity LayerNorm (weight 1, bias 0: what timm's
+  ``davit_*_fl`` keep, untouched, in its place). Every key outside
+  ``vision_tower.`` (language model, image projection, position embeddings)
+  is left out by :func:`florence2_vision_tower`, which counts them.
 
-Every rule below names one tensor in all three layouts with a template whose
+timm's ``davit_*_fl`` models (``named_blocks``) name a block's halves
+``spatial_block`` / ``channel_block`` instead of ``0`` / ``1``: both are read,
+and a conversion to timm writes the named form for a model whose downsample
+convs have kernel 3 (the ``_fl`` models; no other timm DaViT has them).
+
+Every rule below names one tensor in all four layouts with a template whose
 ``{fields}`` are matched against a key and written into the other layout's
 template. A field ending in ``_1`` holds one less than the shared value (the
 mmpretrain stage that *ends* with a downsample is one below the timm/official
@@ -28,13 +43,17 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from torch import Tensor
 
 __all__ = [
-    'LAYOUTS', 'UnmappedKeysError', 'UnknownLayoutError', 'convert',
-    'detect_layout', 'unwrap_state_dict', 'infer_num_stages',
-    'timm_to_mmpretrain', 'mmpretrain_to_timm', 'official_to_mmpretrain',
-    'mmpretrain_to_official', 'official_to_timm', 'timm_to_official'
+    'LAYOUTS', 'TARGET_LAYOUTS', 'UnmappedKeysError', 'UnknownLayoutError',
+    'convert', 'detect_layout', 'florence2_vision_tower', 'unwrap_state_dict',
+    'infer_num_stages', 'timm_to_mmpretrain', 'mmpretrain_to_timm',
+    'official_to_mmpretrain', 'mmpretrain_to_official', 'official_to_timm',
+    'timm_to_official'
 ]
 
-LAYOUTS = ('mmpretrain', 'timm', 'official')
+LAYOUTS = ('mmpretrain', 'timm', 'official', 'florence2')
+#: Layouts a state dict can be converted to (Florence-2 is a source only).
+TARGET_LAYOUTS = ('mmpretrain', 'timm', 'official')
+FLORENCE2_PREFIX = 'vision_tower.'
 
 # What each field of a template may match.
 _FIELD_RE = {
@@ -47,52 +66,69 @@ _FIELD_RE = {
     'm': r'qkv|proj',
 }
 
-# One row per tensor family: (mmpretrain, timm, official) templates.
-_RULES: List[Tuple[str, str, str]] = [
+# One row per tensor family: (mmpretrain, timm, official, florence2)
+# templates; None where the layout has no such tensor.
+_FL = FLORENCE2_PREFIX
+_RULES: List[Tuple[Optional[str], ...]] = [
     ('backbone.patch_embed.projection.{p}', 'stem.conv.{p}',
-     'patch_embeds.0.proj.{p}'),
+     'patch_embeds.0.proj.{p}', _FL + 'convs.0.proj.{p}'),
     ('backbone.patch_embed.norm.{p}', 'stem.norm.{p}',
-     'patch_embeds.0.norm.{p}'),
+     'patch_embeds.0.norm.{p}', _FL + 'convs.0.norm.{p}'),
     ('backbone.stages.{d_1}.downsample.norm.{p}',
-     'stages.{d}.downsample.norm.{p}', 'patch_embeds.{d}.norm.{p}'),
+     'stages.{d}.downsample.norm.{p}', 'patch_embeds.{d}.norm.{p}',
+     _FL + 'convs.{d}.norm.{p}'),
     ('backbone.stages.{d_1}.downsample.projection.{p}',
-     'stages.{d}.downsample.conv.{p}', 'patch_embeds.{d}.proj.{p}'),
-    ('backbone.norm{last}.{p}', 'head.norm.{p}', 'norms.{p}'),
-    ('head.fc.{p}', 'head.fc.{p}', 'head.{p}'),
+     'stages.{d}.downsample.conv.{p}', 'patch_embeds.{d}.proj.{p}',
+     _FL + 'convs.{d}.proj.{p}'),
+    ('backbone.norm{last}.{p}', 'head.norm.{p}', 'norms.{p}', None),
+    ('head.fc.{p}', 'head.fc.{p}', 'head.{p}', None),
 ]
-# Inside a block: (mmpretrain part, timm/official part) x submodules.
+# The output norm's row (added as identity for Florence-2 sources).
+_NORM_ROW = 4
+# Inside a block: (mmpretrain, timm, official, florence2) submodule names;
+# florence2's ``{attn}`` is ``window_attn`` or ``channel_attn``.
 _BLOCK_SUBMODULES = [
-    # (mmpretrain, timm, official)
-    ('cpe1.proj', 'cpe1.proj', 'cpe.0.proj'),
-    ('cpe2.proj', 'cpe2.proj', 'cpe.1.proj'),
-    ('norm1', 'norm1', 'norm1'),
-    ('norm2', 'norm2', 'norm2'),
-    ('ffn.layers.0.0', 'mlp.fc1', 'mlp.fc1'),
-    ('ffn.layers.1', 'mlp.fc2', 'mlp.fc2'),
+    ('cpe1.proj', 'cpe1.proj', 'cpe.0.proj', 'conv1.fn.dw'),
+    ('cpe2.proj', 'cpe2.proj', 'cpe.1.proj', 'conv2.fn.dw'),
+    ('norm1', 'norm1', 'norm1', '{attn}.norm'),
+    ('norm2', 'norm2', 'norm2', 'ffn.norm'),
+    ('ffn.layers.0.0', 'mlp.fc1', 'mlp.fc1', 'ffn.fn.net.fc1'),
+    ('ffn.layers.1', 'mlp.fc2', 'mlp.fc2', 'ffn.fn.net.fc2'),
 ]
-for _mm_part, _idx, _mm_attn in (('spatial_block', '0', 'attn.w_msa'),
-                                 ('channel_block', '1', 'attn')):
+for _mm_part, _idx, _mm_attn, _fl_attn in (('spatial_block', '0', 'attn.w_msa',
+                                            'window_attn'),
+                                           ('channel_block', '1', 'attn',
+                                            'channel_attn')):
     _mm = f'backbone.stages.{{s}}.blocks.{{b}}.{_mm_part}.'
     _timm = f'stages.{{s}}.blocks.{{b}}.{_idx}.'
     _off = f'main_blocks.{{s}}.{{b}}.{_idx}.'
+    _fl = f'{_FL}blocks.{{s}}.{{b}}.{_mm_part}.'
     _RULES.append((_mm + _mm_attn + '.{m}.{p}', _timm + 'attn.{m}.{p}',
-                   _off + 'attn.{m}.{p}'))
-    for _sub_mm, _sub_timm, _sub_off in _BLOCK_SUBMODULES:
+                   _off + 'attn.{m}.{p}', _fl + _fl_attn + '.fn.{m}.{p}'))
+    for _sub_mm, _sub_timm, _sub_off, _sub_fl in _BLOCK_SUBMODULES:
         _RULES.append((_mm + _sub_mm + '.{p}', _timm + _sub_timm + '.{p}',
-                       _off + _sub_off + '.{p}'))
+                       _off + _sub_off + '.{p}',
+                       _fl + _sub_fl.replace('{attn}', _fl_attn) + '.{p}'))
 
 # A key that only the layout's own checkpoints have.
 _MARKERS = {
     'mmpretrain': 'backbone.patch_embed.projection.weight',
     'timm': 'stem.conv.weight',
     'official': 'patch_embeds.0.proj.weight',
+    'florence2': _FL + 'convs.0.proj.weight',
 }
 # Where each layout numbers its stages.
 _STAGE_RE = {
     'mmpretrain': r'backbone\.stages\.(\d+)\.',
     'timm': r'stages\.(\d+)\.',
     'official': r'main_blocks\.(\d+)\.',
+    'florence2': re.escape(_FL) + r'blocks\.(\d+)\.',
 }
+# timm's named block halves (``davit_*_fl``) <-> its indexed ones.
+_TIMM_NAMED = re.compile(r'^(stages\.\d+\.blocks\.\d+\.)'
+                         r'(spatial_block|channel_block)\.')
+_TIMM_INDEXED = re.compile(r'^(stages\.\d+\.blocks\.\d+\.)([01])\.')
+_HALVES = ('spatial_block', 'channel_block')
 # Keys under which training scripts wrap a state dict, in order of preference.
 WRAPPER_KEYS = ('state_dict', 'model', 'state_dict_ema', 'model_ema')
 
@@ -106,7 +142,9 @@ def _compile(template: str) -> 're.Pattern':
     return re.compile(regex)
 
 
-_COMPILED = [tuple(_compile(t) for t in row) for row in _RULES]
+_COMPILED = [
+    tuple(None if t is None else _compile(t) for t in row) for row in _RULES
+]
 
 
 class UnmappedKeysError(KeyError):
@@ -128,10 +166,30 @@ class UnknownLayoutError(ValueError):
 
 
 def _check_layout(name: str, what: str) -> str:
-    if name not in LAYOUTS:
+    choices = TARGET_LAYOUTS if what == 'target' else LAYOUTS
+    if name not in choices:
         raise ValueError(f'Unknown {what} layout {name!r}; choose one of '
-                         f'{list(LAYOUTS)}.')
+                         f'{list(choices)}.')
     return name
+
+
+def florence2_vision_tower(
+    state_dict: Mapping[str, Tensor]
+) -> Tuple['OrderedDict[str, Tensor]', List[str]]:
+    """Split a whole Florence-2 state dict into its DaViT vision tower.
+
+    Returns:
+        tuple: The ``vision_tower.*`` entries (keys unchanged) and the list of
+        every other key (language model, image projection, position
+        embeddings ...), which no DaViT layout holds.
+    """
+    tower, others = OrderedDict(), []
+    for key, value in state_dict.items():
+        if key.startswith(FLORENCE2_PREFIX):
+            tower[key] = value
+        else:
+            others.append(key)
+    return tower, others
 
 
 def unwrap_state_dict(checkpoint: Mapping[str, Any],
@@ -197,16 +255,20 @@ def infer_num_stages(state_dict: Mapping[str, Tensor], layout: str) -> int:
 def convert(state_dict: Mapping[str, Tensor],
             dst: str,
             src: Optional[str] = None,
-            num_stages: Optional[int] = None) -> 'OrderedDict[str, Tensor]':
+            num_stages: Optional[int] = None,
+            ignored: Optional[List[str]] = None) -> 'OrderedDict[str, Tensor]':
     """Rename a DaViT classifier state dict from layout ``src`` to ``dst``.
 
     Args:
         state_dict: The state dict (not a wrapping checkpoint, see
             :func:`unwrap_state_dict`).
         dst: ``'mmpretrain'``, ``'timm'`` or ``'official'``.
-        src: Layout of ``state_dict``; detected when None.
+        src: Layout of ``state_dict`` (also ``'florence2'``); detected when
+            None.
         num_stages: Stages of the model (decides which mmpretrain
             ``backbone.norm{i}`` is the output norm); inferred when None.
+        ignored: With a Florence-2 source, the keys outside its vision tower
+            are skipped and appended to this list when one is given.
 
     Raises:
         UnknownLayoutError: ``src`` is None and cannot be detected.
@@ -215,6 +277,12 @@ def convert(state_dict: Mapping[str, Tensor],
     _check_layout(dst, 'target')
     src = detect_layout(state_dict) if src is None else _check_layout(
         src, 'source')
+    if src == 'florence2':
+        state_dict, others = florence2_vision_tower(state_dict)
+        if ignored is not None:
+            ignored.extend(others)
+    elif src == 'timm':
+        state_dict = _timm_block_halves(state_dict, named=False)
     if num_stages is None:
         num_stages = infer_num_stages(state_dict, src)
     i_src, i_dst = LAYOUTS.index(src), LAYOUTS.index(dst)
@@ -230,15 +298,64 @@ def convert(state_dict: Mapping[str, Tensor],
             out[new_key] = value
     if unmapped:
         raise UnmappedKeysError(src, dst, unmapped)
+    if src == 'florence2':
+        _add_identity_output_norm(out, i_dst, num_stages)
+    if dst == 'timm' and _is_timm_fl(out):
+        out = _timm_block_halves(out, named=True)
     return out
+
+
+def _timm_block_halves(state_dict: Mapping[str, Tensor],
+                       named: bool) -> 'OrderedDict[str, Tensor]':
+    """timm block halves ``.0.``/``.1.`` to ``.spatial_block.``/
+    ``.channel_block.`` (``named``) or back."""
+
+    def half(m: 're.Match') -> str:
+        name = _HALVES[int(m.group(2))] if named else \
+            _HALVES.index(m.group(2))
+        return f'{m.group(1)}{name}.'
+
+    pattern = _TIMM_INDEXED if named else _TIMM_NAMED
+    return OrderedDict(
+        (pattern.sub(half, k), v) for k, v in state_dict.items())
+
+
+def _is_timm_fl(timm_state_dict: Mapping[str, Tensor]) -> bool:
+    """Whether a timm state dict is one of timm's ``davit_*_fl`` models (the
+    only timm DaViTs with kernel-3 downsample convs)."""
+    return any(
+        k.endswith('downsample.conv.weight') and v.shape[-1] == 3
+        for k, v in timm_state_dict.items())
+
+
+def _add_identity_output_norm(out: 'OrderedDict[str, Tensor]', i_dst: int,
+                              num_stages: int) -> None:
+    """Add the output LayerNorm that Florence-2's tower lacks, as identity."""
+    import torch
+    ref = _rename(
+        f'{FLORENCE2_PREFIX}blocks.{num_stages - 1}.0.channel_block.'
+        'ffn.norm.weight', LAYOUTS.index('florence2'), i_dst, num_stages)
+    if ref is None or ref not in out:
+        raise UnknownLayoutError(
+            'The Florence-2 vision tower has no blocks in its last stage '
+            f'({num_stages - 1}); is the checkpoint complete?')
+    channels = out[ref].shape[0]
+    template = _RULES[_NORM_ROW][i_dst]
+    for p, fill in (('weight', torch.ones), ('bias', torch.zeros)):
+        key = template.format(last=num_stages - 1, p=p)
+        out[key] = fill(channels, dtype=out[ref].dtype)
 
 
 def _rename(key: str, i_src: int, i_dst: int,
             num_stages: int) -> Optional[str]:
     for row, compiled in zip(_RULES, _COMPILED):
+        if compiled[i_src] is None:
+            continue
         m = compiled[i_src].fullmatch(key)
         if m is None:
             continue
+        if row[i_dst] is None:
+            return None  # no such tensor in the target layout
         fields = m.groupdict()
         if 'last' in fields and int(fields['last']) != num_stages - 1:
             return None  # a norm of another stage: not the classifier's

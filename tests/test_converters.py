@@ -271,3 +271,27 @@ def test_safetensors_source(timm_tiny, tmp_path):
 def test_unwrap_explicit_key_missing():
     with pytest.raises(KeyError, match="no 'ema' entry"):
         C.unwrap_state_dict({'model': {}}, key='ema')
+
+
+@pytest.mark.parametrize('name,content', [
+    ('notes.pth', b'hello world\n'),
+    ('random.pth', bytes(range(256)) * 4),
+    ('model.safetensors', b'hello world\n'),
+])
+def test_non_checkpoint_files_fail_clearly(name, content, tmp_path, capsys):
+    """A text or damaged file: one message, exit 1, nothing written (the text
+    file used to print "error: 101")."""
+    src, dst = tmp_path / name, tmp_path / 'out.pth'
+    src.write_bytes(content)
+    assert tool.main([str(src), str(dst)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    if name.endswith('.safetensors'):
+        assert err.startswith(f'error: {src} is not a valid .safetensors '
+                              'file (')
+    else:
+        assert err == (
+            f'error: {src} is not a PyTorch checkpoint: torch.load cannot '
+            'read it. Pass a .pth/.pt/.bin file saved by torch.save, or a '
+            '.safetensors file; a partial download must be fetched again.')
+    assert not dst.exists()

@@ -21,6 +21,8 @@ NAMES = [
     f'davit-{a}_3rdparty_in1k{s}' for a in ('base', 'small', 'tiny')
     for s in ('', '-official')
 ]
+# Florence-2 towers (tests/test_florence2.py tests them).
+FL_NAMES = [f'davit-{a}-fl_florence2-pre_3rdparty' for a in ('base', 'huge')]
 WEIGHTS = {
     'tiny':
     'https://download.openmmlab.com/mmclassification/v0/davit/'
@@ -106,7 +108,7 @@ def test_names_resolve_to_davit_ext_whatever_the_import_order(order, tmp_path):
         official=True,
         official_neck=False,
         resnet='mmpretrain.models.backbones.resnet',
-        davit=sorted(NAMES),
+        davit=sorted(NAMES + FL_NAMES),
         swin=out['swin'])
     assert out['swin'] >= 1  # other mmpretrain names are still there
 
@@ -114,8 +116,8 @@ def test_names_resolve_to_davit_ext_whatever_the_import_order(order, tmp_path):
 def test_metainfo_comes_from_our_metafile():
     from mmpretrain import list_models
     from mmpretrain.apis import ModelHub
-    assert list_models('davit') == sorted(NAMES)
-    assert hub.model_names() == sorted(NAMES)
+    assert list_models('davit') == sorted(NAMES + FL_NAMES)
+    assert hub.model_names() == sorted(NAMES + FL_NAMES)
     root = hub.mim_root()
     for name in NAMES:
         arch = name.split('-')[1].split('_')[0]

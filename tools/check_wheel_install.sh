@@ -64,8 +64,10 @@ import cv2
 import numpy as np
 import torch
 
-names = sorted(f'davit-{a}_3rdparty_in1k{s}'
-               for a in ('tiny', 'small', 'base') for s in ('', '-official'))
+names = sorted([f'davit-{a}_3rdparty_in1k{s}'
+                for a in ('tiny', 'small', 'base') for s in ('', '-official')]
+               + [f'davit-{a}-fl_florence2-pre_3rdparty'
+                  for a in ('base', 'huge')])
 
 # 1. The wheel holds the model index, metafile, configs and tools.
 members = set(zipfile.ZipFile(os.environ['WHEEL']).namelist())

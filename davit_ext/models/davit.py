@@ -324,18 +324,25 @@ class ChannelAttention(nn.Module):
     Per head, ``softmax(scale * k^T v)`` (head_dim x head_dim) mixes the
     channels of ``q``; ``scale = head_dim ** -0.5``.
 
+    ``v2=True`` is Florence-2's variant (timm's ``ChannelAttentionV2``):
+    ``softmax(q^T k / sqrt(N))`` mixes the channels of ``v``, N being the
+    number of tokens of the map. Same parameters, same state dict.
+
     Args:
         embed_dims (int): Number of channels.
         num_heads (int): Number of channel groups.
         qkv_bias (bool): Bias of the qkv projection. Defaults to True.
+        v2 (bool): Florence-2's variant (see above). Defaults to False.
     """
 
     def __init__(self,
                  embed_dims: int,
                  num_heads: int,
-                 qkv_bias: bool = True) -> None:
+                 qkv_bias: bool = True,
+                 v2: bool = False) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.v2 = v2
         self.scale = (embed_dims // num_heads)**-0.5
         self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=qkv_bias)
         self.proj = nn.Linear(embed_dims, embed_dims)
@@ -359,8 +366,15 @@ class ChannelAttention(nn.Module):
                 self.qkv.bias.view(3, heads, d,
                                    1).transpose(0, 1).reshape(3 * C, 1))
         q, k, v = qkv.view(B * heads, 3, d, N).unbind(1)
-        attn = (torch.bmm(k, v.transpose(1, 2)) * self.scale).softmax(dim=-1)
-        out = torch.bmm(attn, q).view(B, C, N)  # channels of q mixed
+        if self.v2:
+            # The scale follows the token count: the (d x d) logits are sums
+            # over N tokens.
+            attn = (torch.bmm(q, k.transpose(1, 2)) * N**-0.5).softmax(dim=-1)
+            out = torch.bmm(attn, v).view(B, C, N)  # channels of v mixed
+        else:
+            attn = (torch.bmm(k, v.transpose(1, 2)) *
+                    self.scale).softmax(dim=-1)
+            out = torch.bmm(attn, q).view(B, C, N)  # channels of q mixed
         # proj as out^T @ W^T: a transposed operand, no copy.
         out = torch.bmm(
             out.transpose(1, 2),
@@ -413,7 +427,11 @@ class AttentionBlock(nn.Module):
 
 
 class DaViTBlock(nn.Module):
-    """A spatial (window) attention block followed by a channel one."""
+    """A spatial (window) attention block followed by a channel one.
+
+    ``channel_attn_v2`` selects Florence-2's channel attention (see
+    :class:`ChannelAttention`).
+    """
 
     def __init__(self,
                  embed_dims: int,
@@ -422,38 +440,55 @@ class DaViTBlock(nn.Module):
                  ffn_ratio: float = 4.,
                  qkv_bias: bool = True,
                  drop_path: float = 0.,
-                 pad_small_map: bool = True) -> None:
+                 pad_small_map: bool = True,
+                 channel_attn_v2: bool = False) -> None:
         super().__init__()
         self.spatial_block = AttentionBlock(
             WindowAttention(embed_dims, num_heads, window_size, qkv_bias,
                             pad_small_map), embed_dims, ffn_ratio, drop_path)
         self.channel_block = AttentionBlock(
-            ChannelAttention(embed_dims, num_heads, qkv_bias), embed_dims,
-            ffn_ratio, drop_path)
+            ChannelAttention(embed_dims, num_heads, qkv_bias, channel_attn_v2),
+            embed_dims, ffn_ratio, drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.channel_block(self.spatial_block(x))
 
 
 class Downsample(nn.Module):
-    """LayerNorm, then a 2x2 stride-2 conv; odd maps are padded right/bottom.
+    """LayerNorm, then a stride-2 conv.
+
+    Kernel 2 (DaViT): odd maps are padded right/bottom. An odd kernel ``k``
+    (Florence-2 uses 3) pads ``k // 2`` on every side inside the conv. Both
+    give ``ceil(H / 2)`` rows.
 
     Args:
         in_channels (int): Input channels.
         out_channels (int): Output channels.
+        kernel_size (int): 2 or an odd size. Defaults to 2.
     """
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self,
+                 in_channels: int,
+                 out_channels: int,
+                 kernel_size: int = 2) -> None:
         super().__init__()
+        if kernel_size != 2 and kernel_size % 2 == 0:
+            raise ValueError(
+                'DaViT: downsample_kernel_size must be 2 (DaViT) or odd (3 '
+                f'for Florence-2); got {kernel_size}.')
         self.norm = nn.LayerNorm(in_channels)
         self.projection = nn.Conv2d(
-            in_channels, out_channels, kernel_size=2, stride=2)
+            in_channels,
+            out_channels,
+            kernel_size=kernel_size,
+            stride=2,
+            padding=kernel_size // 2 if kernel_size % 2 else 0)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C_out)."""
         x = self.norm(x)
         H, W = x.shape[1:3]
-        if H % 2 or W % 2:
+        if self.projection.kernel_size[0] == 2 and (H % 2 or W % 2):
             x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
         x = self.projection(x.permute(0, 3, 1, 2))
         return x.permute(0, 2, 3, 1).contiguous()
@@ -525,6 +560,9 @@ class DaViTStage(nn.Module):
         pad_small_map (bool): See :class:`WindowAttention`.
         with_cp (bool): Gradient checkpointing of each half block (spatial,
             channel) when training.
+        downsample_kernel_size (int): See :class:`Downsample`. Defaults to 2.
+        channel_attn_v2 (bool): See :class:`ChannelAttention`. Defaults to
+            False.
     """
 
     def __init__(self,
@@ -537,15 +575,20 @@ class DaViTStage(nn.Module):
                  drop_paths: Sequence[float] = (),
                  downsample: bool = False,
                  pad_small_map: bool = True,
-                 with_cp: bool = False) -> None:
+                 with_cp: bool = False,
+                 downsample_kernel_size: int = 2,
+                 channel_attn_v2: bool = False) -> None:
         super().__init__()
         drop_paths = list(drop_paths) or [0.] * depth
         self.with_cp = with_cp
         self.blocks = nn.ModuleList(
             DaViTBlock(embed_dims, num_heads, window_size, ffn_ratio, qkv_bias,
-                       drop_paths[i], pad_small_map) for i in range(depth))
-        self.downsample = Downsample(embed_dims, 2 * embed_dims) \
-            if downsample else None
+                       drop_paths[i], pad_small_map, channel_attn_v2)
+            for i in range(depth))
+        self.downsample = None
+        if downsample:
+            self.downsample = Downsample(embed_dims, 2 * embed_dims,
+                                         downsample_kernel_size)
         self.out_channels = 2 * embed_dims if downsample else embed_dims
 
     def forward(self, x: Tensor) -> Tensor:
@@ -570,13 +613,23 @@ class DaViT(BaseBackbone):
 
     Args:
         arch (str | dict): One of ``tiny``/``t``, ``small``/``s``, ``base``/
-            ``b``, ``large``/``l``, ``huge``/``h``, ``giant``/``g``, or a dict
-            with ``embed_dims`` (int), ``depths`` and ``num_heads`` (lists of
-            one entry per stage). Defaults to ``'t'``.
+            ``b``, ``large``/``l``, ``huge``/``h``, ``giant``/``g``, the
+            Florence-2 vision towers ``base-fl`` and ``huge-fl`` (window 12,
+            downsample kernel 3, V2 channel attention), or a dict with
+            ``embed_dims`` (int), ``depths`` and ``num_heads`` (lists of one
+            entry per stage) and optionally ``window_size``,
+            ``downsample_kernel_size`` and ``channel_attn_v2``. Defaults to
+            ``'t'``.
         patch_size (int): Stride of the 7x7 stem conv. Defaults to 4.
         in_channels (int): Image channels. Defaults to 3.
-        window_size (int): Window side of the spatial attention.
-            Defaults to 7.
+        window_size (int, optional): Window side of the spatial attention.
+            None takes the arch's (12 for the ``-fl`` archs), else 7.
+        downsample_kernel_size (int, optional): Kernel of the stride-2
+            downsample convs: 2 (DaViT) or odd (3, padding 1: Florence-2).
+            None takes the arch's, else 2.
+        channel_attn_v2 (bool, optional): Florence-2's channel attention,
+            scaled by the token count (see :class:`ChannelAttention`). None
+            takes the arch's, else False.
         ffn_ratio (float): FFN hidden width over the channels. Defaults to 4.
         qkv_bias (bool): Bias of the qkv projections. Defaults to True.
         drop_path_rate (float): Stochastic depth rate, rising linearly from 0
@@ -648,7 +701,28 @@ class DaViT(BaseBackbone):
                 'depths': [1, 1, 12, 3],
                 'num_heads': [12, 24, 48, 96]
             }),
+        # Florence-2's vision towers (timm's davit_base_fl / davit_huge_fl):
+        # the "huge" one is Florence-2-large's.
+        'base-fl': {
+            'embed_dims': 128,
+            'depths': [1, 1, 9, 1],
+            'num_heads': [4, 8, 16, 32],
+            'window_size': 12,
+            'downsample_kernel_size': 3,
+            'channel_attn_v2': True
+        },
+        'huge-fl': {
+            'embed_dims': 256,
+            'depths': [1, 1, 9, 1],
+            'num_heads': [8, 16, 32, 64],
+            'window_size': 12,
+            'downsample_kernel_size': 3,
+            'channel_attn_v2': True
+        },
     }
+    # Options an arch may set; the constructor's argument wins when given.
+    _arch_options = dict(
+        window_size=7, downsample_kernel_size=2, channel_attn_v2=False)
     _stage_keys = ('window_size', 'ffn_ratio', 'qkv_bias', 'pad_small_map',
                    'with_cp')
 
@@ -656,7 +730,7 @@ class DaViT(BaseBackbone):
                  arch: Union[str, Dict] = 't',
                  patch_size: int = 4,
                  in_channels: int = 3,
-                 window_size: int = 7,
+                 window_size: Optional[int] = None,
                  ffn_ratio: float = 4.,
                  qkv_bias: bool = True,
                  drop_path_rate: float = 0.1,
@@ -669,9 +743,21 @@ class DaViT(BaseBackbone):
                  out_indices: Union[int, Sequence[int]] = (3, ),
                  with_cp: bool = False,
                  official: bool = False,
+                 downsample_kernel_size: Optional[int] = None,
+                 channel_attn_v2: Optional[bool] = None,
                  init_cfg: Optional[Union[Dict, List[Dict]]] = None) -> None:
         super().__init__(init_cfg)
         self.arch_settings = self._parse_arch(arch)
+        given = dict(
+            window_size=window_size,
+            downsample_kernel_size=downsample_kernel_size,
+            channel_attn_v2=channel_attn_v2)
+        for key, default in self._arch_options.items():
+            if given[key] is None:
+                given[key] = self.arch_settings.get(key, default)
+        window_size = given['window_size']
+        self.downsample_kernel_size = given['downsample_kernel_size']
+        self.channel_attn_v2 = bool(given['channel_attn_v2'])
         self.embed_dims = self.arch_settings['embed_dims']
         self.depths = list(self.arch_settings['depths'])
         self.num_heads = list(self.arch_settings['num_heads'])
@@ -717,6 +803,8 @@ class DaViT(BaseBackbone):
                 heads,
                 drop_paths=dpr[:depth],
                 downsample=i < self.num_layers - 1,
+                downsample_kernel_size=self.downsample_kernel_size,
+                channel_attn_v2=self.channel_attn_v2,
                 **cfg)
             dpr = dpr[depth:]
             self.stages.append(stage)

@@ -1,18 +1,23 @@
 #!/usr/bin/env python
 """Convert a DaViT checkpoint between the official, timm and mmpretrain
-layouts.
+layouts, or Florence-2's vision tower to any of them.
 
     python tools/model_converters/davit_to_mmpretrain.py SRC DST
     python tools/model_converters/davit_to_mmpretrain.py SRC DST --to timm
 
 SRC is a ``.pth``/``.pt``/``.bin`` checkpoint (file or http(s) URL) or a
-``.safetensors`` file of an official (github.com/dingmyu/davit), timm or
-mmpretrain DaViT classifier: a plain state dict or one wrapped under
-``state_dict``, ``model`` or ``state_dict_ema`` (``--key`` picks another).
-Its layout is detected. With
+``.safetensors`` file of an official (github.com/dingmyu/davit), timm
+(also ``davit_base_fl`` / ``davit_huge_fl``) or mmpretrain DaViT classifier:
+a plain state dict or one wrapped under ``state_dict``, ``model`` or
+``state_dict_ema`` (``--key`` picks another). It may also be a whole
+Florence-2 model (``pytorch_model.bin`` or ``model.safetensors`` of
+microsoft/Florence-2-base or -large): its ``vision_tower.*`` tensors are
+converted, every other tensor is left out and counted, and the output norm
+the tower lacks is added as identity. Its layout is detected. With
 ``--to mmpretrain`` (the default) DST is ``{'state_dict': ..., 'meta': ...}``
-and loads with ``strict=True`` into davit_ext's (and mmpretrain's) DaViT
-classifier; ``--to timm`` / ``--to official`` write a plain state dict.
+and loads with ``strict=True`` into davit_ext's DaViT (arch ``base-fl`` /
+``huge-fl`` for Florence-2 towers); ``--to timm`` / ``--to official`` write
+a plain state dict. Nothing is written when the conversion fails.
 """
 import argparse
 import os
@@ -23,22 +28,23 @@ from collections import OrderedDict
 
 import torch
 
-from davit_ext.converters import (LAYOUTS, UnknownLayoutError,
-                                  UnmappedKeysError, convert, detect_layout,
-                                  infer_num_stages, unwrap_state_dict)
+from davit_ext.converters import (FLORENCE2_PREFIX, TARGET_LAYOUTS,
+                                  UnknownLayoutError, UnmappedKeysError,
+                                  convert, detect_layout, infer_num_stages,
+                                  unwrap_state_dict)
 from davit_ext.version import __version__
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='Convert a DaViT checkpoint (official dingmyu/davit, '
-        'timm or mmpretrain layout, detected) to the mmpretrain layout, or '
-        'with --to to another one.')
+        'timm, mmpretrain or a Florence-2 model\'s vision tower, detected) '
+        'to the mmpretrain layout, or with --to to another one.')
     parser.add_argument('src', help='source checkpoint (.pth or .safetensors)')
     parser.add_argument('dst', help='where to write the converted checkpoint')
     parser.add_argument(
         '--to',
-        choices=LAYOUTS,
+        choices=TARGET_LAYOUTS,
         default='mmpretrain',
         help='target layout (default: mmpretrain)')
     parser.add_argument(
@@ -61,9 +67,15 @@ def load_source(path: str, allow_pickle: bool = False):
     Safely by default: ``weights_only=True`` with the allowlist of what
     mmengine's runner writes (davit_ext.checkpoint); downloads are checked
     against the sha256 prefix in their name. ``allow_pickle`` unpickles
-    anything (trusted files only).
+    anything (trusted files only). A ``.safetensors`` file holds tensors
+    only; of a Florence-2 one only the vision tower is read.
+
+    Returns:
+        tuple: The checkpoint and the names of tensors left unread (the
+        non-vision-tower tensors of a Florence-2 ``.safetensors`` file).
     """
     from davit_ext.checkpoint import allowed_globals, download_checkpoint
+    from davit_ext.florence2 import read_safetensors
     source = path
     if path.startswith(('http://', 'https://')):
         path = download_checkpoint(path)
@@ -71,55 +83,84 @@ def load_source(path: str, allow_pickle: bool = False):
         raise FileNotFoundError(f'No checkpoint file at {path!r}.')
     if path.endswith('.safetensors'):
         try:
-            from safetensors.torch import load_file
-        except ImportError as e:
-            raise ImportError('Reading .safetensors needs the safetensors '
-                              'package: pip install safetensors') from e
-        return load_file(path, device='cpu')
+            from safetensors import safe_open
+            with safe_open(path, framework='pt') as f:
+                florence2 = any(
+                    k.startswith(FLORENCE2_PREFIX) for k in f.keys())
+        except ImportError:
+            florence2 = False  # read_safetensors says what to install
+        except Exception:  # not a safetensors file: said below
+            florence2 = False
+        return read_safetensors(path, FLORENCE2_PREFIX if florence2 else None)
     if allow_pickle:
-        return torch.load(path, map_location='cpu', weights_only=False)
+        return torch.load(path, map_location='cpu', weights_only=False), []
     try:
         with torch.serialization.safe_globals(allowed_globals()):
-            return torch.load(path, map_location='cpu', weights_only=True)
+            return torch.load(path, map_location='cpu', weights_only=True), []
     except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines()]
-        reason = next((ln for ln in lines if 'global' in ln.lower()),
-                      lines[0] if lines else type(e).__name__)
+        reason = next((ln for ln in lines if 'global' in ln.lower()), None)
+        if reason is None:  # not a refused object: a damaged/other file
+            raise RuntimeError(
+                f'{source} is not a PyTorch checkpoint: torch.load cannot '
+                'read it. Pass a .pth/.pt/.bin file saved by torch.save, or '
+                'a .safetensors file; a partial download must be fetched '
+                'again.') from None
         raise RuntimeError(
             f'refused to load {source}: it pickles objects other than '
             'tensors, plain containers and what mmengine writes (e.g. the '
             f'training arguments): {reason.split(". Please use")[0]}. '
             'Nothing from the file was executed. If you trust the file, run '
             'again with --allow-pickle.') from None
+    except (KeyError, EOFError, RuntimeError, ValueError, OSError,
+            UnicodeDecodeError, IndexError) as e:
+        # torch.load's own errors on other files are cryptic ("101" is the
+        # byte of a text file it read as a pickle opcode).
+        detail = '' if isinstance(e, KeyError) else f' ({e})'
+        raise RuntimeError(
+            f'{source} is not a PyTorch checkpoint: torch.load cannot read '
+            f'it{detail}. Pass a .pth/.pt/.bin file saved by '
+            'torch.save, or a .safetensors file; a partial download must be '
+            'fetched again.') from None
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    ignored = []
     try:
-        checkpoint = load_source(args.src, args.allow_pickle)
+        checkpoint, ignored = load_source(args.src, args.allow_pickle)
         state_dict = unwrap_state_dict(checkpoint, args.key)
         src_layout = detect_layout(state_dict)
         num_stages = infer_num_stages(state_dict, src_layout)
-        converted = convert(state_dict, args.to, src_layout, num_stages)
+        converted = convert(state_dict, args.to, src_layout, num_stages,
+                            ignored)
     except (UnknownLayoutError, UnmappedKeysError, FileNotFoundError, KeyError,
-            TypeError, RuntimeError, ImportError) as e:
+            TypeError, ValueError, RuntimeError, ImportError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
     if args.to == 'mmpretrain':
-        out = OrderedDict(
-            state_dict=converted,
-            meta=dict(
-                converted_from=src_layout,
-                source=osp.basename(args.src),
-                num_stages=num_stages,
-                converter=f'davit_ext {__version__}'))
+        meta = dict(
+            converted_from=src_layout,
+            source=osp.basename(args.src),
+            num_stages=num_stages,
+            converter=f'davit_ext {__version__}')
+        if src_layout == 'florence2':
+            meta['ignored_tensors'] = len(ignored)
+        out = OrderedDict(state_dict=converted, meta=meta)
     else:
         out = converted
     dst_dir = osp.dirname(osp.abspath(args.dst))
     os.makedirs(dst_dir, exist_ok=True)
     torch.save(out, args.dst)
-    print(f'Converted {len(converted)} tensors of a {num_stages}-stage DaViT '
-          f'from the {src_layout} layout to {args.to}: {args.dst}')
+    if src_layout == 'florence2':
+        print(f'Florence-2 model: converted its vision tower (a '
+              f'{num_stages}-stage DaViT, {len(converted) - 2} tensors, plus '
+              f'an identity output norm it does not have) to {args.to}; '
+              f'ignored {len(ignored)} other tensors (language model, image '
+              f'projection, position embeddings): {args.dst}')
+    else:
+        print(f'Converted {len(converted)} tensors of a {num_stages}-stage '
+              f'DaViT from the {src_layout} layout to {args.to}: {args.dst}')
     return 0
 
 
