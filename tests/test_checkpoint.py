@@ -256,43 +256,188 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def _publish(root, stem, payload, hash_of=None):
-    """Save ``payload`` as ``stem-<sha8>.pth``; the name's hash is that of
-    ``hash_of`` bytes if given (a tampered file)."""
+def _publish(root, stem, payload, hash_of=None, date='20240315'):
+    """Save ``payload`` as OpenMMLab's ``stem_<date>-<sha8>.pth``; the name's
+    hash is that of ``hash_of`` bytes if given (a tampered file)."""
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getvalue()
     digest = hashlib.sha256(hash_of if hash_of is not None else data)
-    name = f'{stem}-{digest.hexdigest()[:8]}.pth'
+    name = f'{stem}_{date}-{digest.hexdigest()[:8]}.pth'
     (root / name).write_bytes(data)
     return name, data
 
 
-def test_download_verifies_sha256(http_dir, tmp_path):
+def _bytes(payload):
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return buf.getvalue()
+
+
+WEIGHTS = {'state_dict': {'w': torch.ones(3)}, 'meta': {'note': 'ok'}}
+
+
+def test_download_verifies_openmmlab_sha256(http_dir, tmp_path):
     root, base = http_dir
     cache = str(tmp_path / 'cache')
-    weights = {'state_dict': {'w': torch.ones(3)}, 'meta': {'note': 'ok'}}
-    good, _ = _publish(root, 'good', weights)
+    good, _ = _publish(root, 'good', WEIGHTS)
     ckpt = C.load_checkpoint_file(f'{base}/{good}', cache_dir=cache)
     assert torch.equal(ckpt['state_dict']['w'], torch.ones(3))
     assert os.listdir(cache) == [good]  # cached under its own name only
 
-    bad, _ = _publish(root, 'bad', weights, hash_of=b'something else')
+    bad, data = _publish(root, 'bad', WEIGHTS, hash_of=b'something else')
     with pytest.raises(C.CheckpointIntegrityError) as err:
         C.load_checkpoint_file(f'{base}/{bad}', cache_dir=cache)
-    expected = bad[len('bad-'):-len('.pth')]
-    assert str(err.value).startswith(
+    expected = bad[-len('12345678.pth'):-len('.pth')]
+    assert str(err.value) == (
         f'checkpoint {base}/{bad} failed its integrity check: its name says '
-        f'the sha256 starts with {expected}')
-    assert 'The file was removed from the cache' in str(err.value)
-    assert sorted(os.listdir(cache)) == [good]  # nothing of it kept
+        f'the sha256 starts with {expected}, the downloaded file\'s sha256 '
+        f'is {hashlib.sha256(data).hexdigest()}. The downloaded file was '
+        f'removed and not loaded (nothing was written to '
+        f'{osp.join(cache, bad)}). Try again; if this persists, the server '
+        'or a proxy serves a different file: fetch it from the original '
+        'source and pass the local path instead.')
+    assert sorted(os.listdir(cache)) == [good]  # our download: removed
 
-    # a cached file altered after download is refused and removed too
-    with open(osp.join(cache, good), 'ab') as f:
-        f.write(b'tampered')
-    with pytest.raises(C.CheckpointIntegrityError):
-        C.load_checkpoint_file(f'{base}/{good}', cache_dir=cache)
+
+def test_mismatching_file_in_the_cache_is_kept(http_dir, tmp_path):
+    """A file in the cache may be the user's (the offline advice is to copy it
+    there): refused, never deleted, and the message says what to do."""
+    root, base = http_dir
+    cache = tmp_path / 'cache'
+    cache.mkdir()
+    good, _ = _publish(root, 'good', WEIGHTS)
+    users = _bytes({'state_dict': {'w': torch.zeros(3)}})
+    (cache / good).write_bytes(users)
+    with pytest.raises(C.CheckpointIntegrityError) as err:
+        C.load_checkpoint_file(f'{base}/{good}', cache_dir=str(cache))
+    path = str(cache / good)
+    assert str(err.value) == (
+        f'checkpoint {base}/{good}: the file found at {path} does not '
+        f'match: its name says the sha256 starts with {good[-12:-4]}, the '
+        f'file\'s sha256 is {hashlib.sha256(users).hexdigest()}. It was not '
+        'loaded and was left where it is. If you copied it there, it is not '
+        'the published file: copy the right one over it (offline: fetch it '
+        'on a machine with network first), or pass the path of a file you '
+        'trust instead of the URL. To download it again instead, delete '
+        f'{path} and run again.')
+    assert (cache / good).read_bytes() == users  # kept, unchanged
+
+
+@pytest.mark.parametrize(
+    'name', ['davit-tiny-20240315.pth', 'model-1a2b3c4d.pth', 'plain.pth'])
+def test_names_without_a_known_hash_load(http_dir, tmp_path, name):
+    """Only OpenMMLab's ``_<YYYYMMDD>-<hex>.pth`` promises a hash: a date (or
+    torch hub's ``-<hex>``) in an arbitrary URL is not one."""
+    from mmengine.runner import load_checkpoint
+    root, base = http_dir
+    model = torch.nn.Linear(3, 2)
+    (root / name).write_bytes(_bytes({'state_dict': model.state_dict()}))
+    assert C.expected_sha256(f'{base}/{name}') is None
+    cache = str(tmp_path / 'cache')
+    ckpt = C.load_checkpoint_file(f'{base}/{name}', cache_dir=cache)
+    assert torch.equal(ckpt['state_dict']['weight'], model.weight)
+    # and through mmengine, which every model in the process uses
+    other = torch.nn.Linear(3, 2)
+    load_checkpoint(other, f'{base}/{name}', strict=True)
+    assert torch.equal(other.weight, model.weight)
+
+
+def test_date_named_url_through_get_model(http_dir, tmp_path, monkeypatch):
+    """The false refusal of the issue: ``pretrained=<date-named URL>``."""
+    from mmpretrain import get_model
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    root, base = http_dir
+    state = get_model('davit-tiny_3rdparty_in1k').state_dict()
+    state['head.fc.bias'] += 1.5
+    name = 'davit-tiny-20240315.pth'
+    (root / name).write_bytes(_bytes({'state_dict': state}))
+    model = get_model('davit-tiny_3rdparty_in1k', pretrained=f'{base}/{name}')
+    assert torch.equal(model.head.fc.bias, state['head.fc.bias'])
+
+
+def test_user_given_sha256(http_dir, tmp_path):
+    root, base = http_dir
+    name = 'mine.pth'
+    data = _bytes(WEIGHTS)
+    (root / name).write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    cache = str(tmp_path / 'cache')
+    url = f'{base}/{name}'
+    # a URL fragment (works wherever a URL does, e.g. get_model) ...
+    with pytest.raises(
+            C.CheckpointIntegrityError,
+            match="the URL's #sha256 fragment says the sha256 "
+            'starts with 00000000'):
+        C.load_checkpoint_file(f'{url}#sha256=00000000', cache_dir=cache)
     assert os.listdir(cache) == []
+    ckpt = C.load_checkpoint_file(
+        f'{url}#sha256={digest[:12]}', cache_dir=cache)
+    assert torch.equal(ckpt['state_dict']['w'], torch.ones(3))
+    # ... or an argument, for URLs and local files (never deleted)
+    local = osp.join(cache, name)
+    with pytest.raises(C.CheckpointIntegrityError) as err:
+        C.load_checkpoint_file(local, sha256='ABCDEF01')
+    assert str(err.value) == (
+        f'checkpoint {local}: the sha256 passed starts with abcdef01, the '
+        f'file\'s sha256 is {digest}. It was not loaded and was left where '
+        'it is: check that it is the file you meant, or pass the right hash.')
+    assert open(local, 'rb').read() == data
+    assert C.load_checkpoint_file(
+        local, sha256=digest)['meta'] == {
+            'note': 'ok'
+        }
+    with pytest.raises(C.CheckpointIntegrityError, match='not 8 to 64 hex'):
+        C.load_checkpoint_file(url, sha256='xyz', cache_dir=cache)
+
+
+def test_sha256_from_our_model_index(monkeypatch, http_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from davit_ext import hub
+    root, base = http_dir
+    url = f'{base}/fl-tower.pth'
+    (root / 'fl-tower.pth').write_bytes(_bytes(WEIGHTS))
+    entry = SimpleNamespace(
+        name='fl-tower',
+        weights=url,
+        metadata=SimpleNamespace(data={'SHA256': 'ABCD1234' * 8}))
+    monkeypatch.setattr(hub, '_models', {'fl-tower': entry})
+    assert C.expected_sha256(url) == ('abcd1234' * 8,
+                                      "davit_ext's model index (fl-tower)")
+    with pytest.raises(
+            C.CheckpointIntegrityError,
+            match=r"davit_ext's model index \(fl-tower\) says"):
+        C.load_checkpoint_file(url, cache_dir=str(tmp_path / 'c'))
+
+
+def test_get_model_pretrained_true_keeps_a_users_mismatching_file(
+        monkeypatch, tmp_path):
+    """Offline, the advice is to copy the file into the cache; a wrong copy is
+    refused with what to do and stays where the user put it."""
+    import urllib.error
+    import urllib.request
+
+    from mmpretrain import get_model
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError('Name or service not known')
+
+    monkeypatch.setattr(urllib.request, 'urlopen', offline)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
+    name = 'davit-tiny_3rdparty_in1k_20221116-700fdf7d.pth'
+    users = tmp_path / 'checkpoints' / name
+    users.parent.mkdir()
+    users.write_bytes(_bytes({'state_dict': {}}))
+    before = users.read_bytes()
+    with pytest.raises(C.CheckpointIntegrityError) as err:
+        get_model('davit-tiny_3rdparty_in1k', pretrained=True)
+    msg = str(err.value)
+    assert f'the file found at {users} does not match: its name says the ' \
+        'sha256 starts with 700fdf7d' in msg
+    assert 'It was not loaded and was left where it is.' in msg
+    assert 'offline: fetch it on a machine with network first' in msg
+    assert users.read_bytes() == before
 
 
 def test_download_through_mmengine_and_torch_hub_cache(http_dir, tmp_path,
@@ -315,7 +460,8 @@ def test_offline_download_fails_with_one_clear_message(tmp_path):
     sock.bind(('127.0.0.1', 0))
     port = sock.getsockname()[1]
     sock.close()  # nothing listens there now
-    url = f'http://127.0.0.1:{port}/davit-tiny-0123abcd.pth'
+    name = 'davit-tiny_20240315-0123abcd.pth'
+    url = f'http://127.0.0.1:{port}/{name}'
     cache = str(tmp_path / 'cache')
     with pytest.raises(C.CheckpointDownloadError) as err:
         C.load_checkpoint_file(url, cache_dir=cache)
@@ -324,7 +470,7 @@ def test_offline_download_fails_with_one_clear_message(tmp_path):
     assert 'Connection refused' in msg
     assert ('fetch the file on another machine and pass its local path '
             'instead of the URL') in msg
-    assert (f'or copy it to {osp.join(cache, "davit-tiny-0123abcd.pth")} '
+    assert (f'or copy it to {osp.join(cache, name)} '
             '(its sha256 must start with 0123abcd)') in msg
     assert os.listdir(cache) == []  # no partial file left
 
@@ -333,5 +479,8 @@ def test_expected_sha256_prefix():
     url = ('https://download.openmmlab.com/mmclassification/v0/davit/'
            'davit-tiny_3rdparty_in1k_20221116-700fdf7d.pth')
     assert C.expected_sha256_prefix(url) == '700fdf7d'
-    assert C.expected_sha256_prefix('http://h/model.pth') is None
-    assert C.expected_sha256_prefix('http://h/model-XYZ12345.pth') is None
+    assert C.expected_sha256(url) == ('700fdf7d', 'its name')
+    for other in ('http://h/model.pth', 'http://h/model-XYZ12345.pth',
+                  'http://h/davit-tiny-20240315.pth',
+                  'http://h/model-1a2b3c4d.pth'):
+        assert C.expected_sha256_prefix(other) is None, other
