@@ -252,13 +252,13 @@ def _guarded_setstate(self: Any, state: Dict[str, Any]) -> None:
         name: getattr(HistoryBuffer, name)
         for name in _HISTORY_BUFFER_STATISTICS
     }
-    if not isinstance(methods, dict) or any(
-            name not in defaults or method is not defaults[name]
-            for name, method in methods.items()):
-        shown = sorted(methods) if isinstance(methods, dict) else \
-            type(methods).__name__
+    wrong = sorted(
+        name for name, method in methods.items()
+        if defaults.get(name, defaults) is not method) if isinstance(
+            methods, dict) else type(methods).__name__
+    if wrong:
         raise pickle.UnpicklingError(
-            f'a HistoryBuffer in it sets statistics methods {shown} that are '
+            f'a HistoryBuffer in it sets statistics methods {wrong} that are '
             f'not mmengine\'s own ({", ".join(_HISTORY_BUFFER_STATISTICS)} '
             f'mapped to themselves): this is not allowed')
     self.__dict__.update(state)
@@ -900,8 +900,8 @@ SCHEMES: Dict[str, Callable] = {
     r'(\S+\:)?s3://': load_from_ceph,
     r'(\S+\:)?petrel://': load_from_ceph,
 }
-# mmengine's loaders as found by the first install(), for uninstall().
-_originals: Optional[Dict[str, Callable]] = None
+# The loaders install() replaced, by prefix, for uninstall().
+_originals: Dict[str, Callable] = {}
 
 
 def _refusing_loader(prefix: str, loader: Callable) -> Callable:
@@ -945,14 +945,10 @@ def install() -> None:
     registered so far gets a loader that refuses with one message. Idempotent;
     :func:`uninstall` undoes it.
     """
-    global _originals
     from mmengine.runner.checkpoint import CheckpointLoader
-    if _originals is None:
-        _originals = {
-            p: f
-            for p, f in CheckpointLoader._schemes.items() if not _ours(f)
-        }
     for prefix, loader in list(CheckpointLoader._schemes.items()):
+        if not _ours(loader):
+            _originals[prefix] = loader  # what uninstall() gives back
         if prefix not in SCHEMES and not _ours(loader):
             CheckpointLoader.register_scheme(
                 prefix, _refusing_loader(prefix, loader), force=True)
@@ -969,7 +965,7 @@ def uninstall() -> None:
     for prefix, loader in list(CheckpointLoader._schemes.items()):
         if not _ours(loader):
             continue
-        if _originals is not None and prefix in _originals:
+        if prefix in _originals:
             CheckpointLoader.register_scheme(
                 prefix, _originals[prefix], force=True)
         else:

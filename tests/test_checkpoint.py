@@ -19,6 +19,12 @@ import davit_ext  # noqa: F401
 from davit_ext import checkpoint as C
 
 
+@pytest.fixture(autouse=True)
+def _own_torch_home(tmp_path, monkeypatch):
+    """Downloads go to the test's folder, never the user's torch hub cache."""
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+
+
 class _MkdirPayload:
     """Unpickling it would create ``path`` (the side effect to look for)."""
 
@@ -484,3 +490,337 @@ def test_expected_sha256_prefix():
                   'http://h/davit-tiny-20240315.pth',
                   'http://h/model-1a2b3c4d.pth'):
         assert C.expected_sha256_prefix(other) is None, other
+
+
+# --------------------------------------------------------------------------
+# Every scheme of mmengine's CheckpointLoader goes through the safe loader
+# --------------------------------------------------------------------------
+
+
+class _FakeResponse(io.BytesIO):
+    """What ``urllib.request.urlopen`` returns, for URLs served in memory."""
+
+    def __init__(self, data):
+        super().__init__(data)
+        self.headers = {'Content-Length': str(len(data))}
+
+
+@pytest.fixture
+def fake_web(monkeypatch, tmp_path):
+    """{url: bytes} served by a patched urlopen (https has no loopback
+    certificate); anything else is offline. Downloads cache in tmp_path."""
+    import urllib.error
+    import urllib.request
+    pages = {}
+
+    def urlopen(request, timeout=None):
+        url = getattr(request, 'full_url', request)
+        if url not in pages:
+            raise urllib.error.URLError('offline (test)')
+        return _FakeResponse(pages[url])
+
+    monkeypatch.setattr(urllib.request, 'urlopen', urlopen)
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    return pages
+
+
+def _sha8(data):
+    return hashlib.sha256(data).hexdigest()[:8]
+
+
+def _scheme_torchvision(data, monkeypatch, **_):
+    from mmengine.runner import checkpoint as mm
+    url = f'https://example.invalid/tiny-{_sha8(data)}.pth'
+    monkeypatch.setattr(mm, 'get_torchvision_models', lambda: {'tiny': url})
+    return url, 'torchvision://tiny'
+
+
+def _scheme_modelzoo(data, monkeypatch, **_):
+    url, _ = _scheme_torchvision(data, monkeypatch)
+    return url, 'modelzoo://tiny'
+
+
+def _scheme_mmcls(data, monkeypatch, **_):
+    from mmengine.runner import checkpoint as mm
+    url = f'https://example.invalid/tiny_20240315-{_sha8(data)}.pth'
+    monkeypatch.setattr(mm, 'get_mmcls_models', lambda: {'tiny': url})
+    return url, 'mmcls://tiny'
+
+
+def _scheme_open_mmlab_file(data, monkeypatch, tmp_path, **_):
+    """No monkeypatching: mmengine's own $MMENGINE_HOME/open_mmlab.json."""
+    home = tmp_path / 'mmengine_home'
+    home.mkdir(parents=True, exist_ok=True)
+    (home / 'open_mmlab.json').write_text('{"mine": "mine.pth"}')
+    (home / 'mine.pth').write_bytes(data)
+    monkeypatch.setenv('MMENGINE_HOME', str(home))
+    return None, 'open-mmlab://mine'
+
+
+def _scheme_openmmlab_url(data, monkeypatch, tmp_path, **_):
+    home = tmp_path / 'mmengine_home'
+    home.mkdir(parents=True, exist_ok=True)
+    url = f'https://example.invalid/mine-{_sha8(data)}.pth'
+    (home / 'open_mmlab.json').write_text(f'{{"mine": "{url}"}}')
+    monkeypatch.setenv('MMENGINE_HOME', str(home))
+    return url, 'openmmlab://mine'
+
+
+def _scheme_https(data, monkeypatch, **_):
+    url = 'https://example.invalid/weights.pth'
+    return url, url
+
+
+def _scheme_pavi(data, monkeypatch, **_):
+    import sys
+    import types
+
+    class Model:
+        name = 'weights.pth'
+
+        def download(self, path):
+            with open(path, 'wb') as f:
+                f.write(data)
+
+    pavi = types.ModuleType('pavi')
+    pavi.modelcloud = types.SimpleNamespace(get=lambda path: Model())
+    monkeypatch.setitem(sys.modules, 'pavi', pavi)
+    return None, 'pavi://project/weights.pth'
+
+
+def _ceph(prefix):
+
+    def scheme(data, monkeypatch, **_):
+        from mmengine import fileio
+        seen = []
+
+        class Backend:
+
+            def get(self, filepath):
+                seen.append(filepath)
+                return data
+
+        monkeypatch.setattr(fileio, 'get_file_backend',
+                            lambda *a, **k: Backend())
+        return None, f'{prefix}bucket/weights.pth'
+
+    return scheme
+
+
+SCHEMES = {
+    'torchvision://': _scheme_torchvision,
+    'modelzoo://': _scheme_modelzoo,
+    'mmcls://': _scheme_mmcls,
+    'open-mmlab:// (file)': _scheme_open_mmlab_file,
+    'openmmlab:// (url)': _scheme_openmmlab_url,
+    'https://': _scheme_https,
+    'pavi://': _scheme_pavi,
+    's3://': _ceph('s3://'),
+    'cluster1:s3://': _ceph('cluster1:s3://'),
+    'petrel://': _ceph('petrel://'),
+}
+
+
+@pytest.mark.parametrize('scheme', list(SCHEMES))
+def test_every_scheme_loads_safely(scheme, fake_web, monkeypatch, tmp_path):
+    """Through mmengine's CheckpointLoader: the weights load, and a file that
+    would run code is refused (nothing runs) on every scheme."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+    C.install()
+    good = _bytes({'state_dict': {'backbone.w': torch.arange(3.)}})
+    url, filename = SCHEMES[scheme](
+        good, monkeypatch=monkeypatch, tmp_path=tmp_path)
+    if url:
+        fake_web[url] = good
+    ckpt = CheckpointLoader.load_checkpoint(filename, map_location='cpu')
+    key = 'w' if scheme == 'mmcls://' else 'backbone.w'  # mmcls strips it
+    assert torch.equal(ckpt['state_dict'][key], torch.arange(3.))
+
+    marker = tmp_path / 'payload_ran'
+    evil = _bytes({'state_dict': {}, 'x': _MkdirPayload(str(marker))})
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'evil_home'))
+    url, filename = SCHEMES[scheme](
+        evil, monkeypatch=monkeypatch, tmp_path=tmp_path / 'evil')
+    if url:
+        fake_web[url] = evil
+    with pytest.raises(C.UnsafeCheckpointError, match='posix.mkdir'):
+        CheckpointLoader.load_checkpoint(filename, map_location='cpu')
+    assert not marker.exists()
+
+
+def test_published_table_hash_is_checked(fake_web):
+    """torchvision's table names carry a sha256 start: a different file is
+    refused (and, being our download, removed)."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+    C.install()
+    url = 'https://download.pytorch.org/models/resnet18-f37072fd.pth'
+    fake_web[url] = _bytes(WEIGHTS)
+    with pytest.raises(C.CheckpointIntegrityError) as err:
+        CheckpointLoader.load_checkpoint('torchvision://resnet18')
+    assert str(err.value).startswith(
+        f'checkpoint {url} failed its integrity check: its name in '
+        "torchvision's model table says the sha256 starts with f37072fd")
+    cache = osp.join(torch.hub.get_dir(), C.CACHE_SUBDIR)
+    assert os.listdir(cache) == []
+
+
+def test_unknown_table_name_is_one_clear_error(fake_web):
+    from mmengine.runner.checkpoint import CheckpointLoader
+    C.install()
+    with pytest.raises(C.CheckpointNotFoundError) as err:
+        CheckpointLoader.load_checkpoint('torchvision://resnet_nope')
+    assert str(err.value).startswith(
+        "checkpoint torchvision://resnet_nope: torchvision's model table has "
+        "no model named 'resnet_nope' (e.g. ")
+    assert str(err.value).endswith(
+        'Check the name, or pass a local path or an http(s) URL.')
+
+
+def test_other_schemes_are_refused_and_uninstall_restores(tmp_path):
+    from mmengine.runner import checkpoint as mm
+    from mmengine.runner.checkpoint import CheckpointLoader
+    calls = []
+
+    def foreign(filename, map_location=None):
+        calls.append(filename)
+        return {}
+
+    CheckpointLoader.register_scheme('foreign://', foreign, force=True)
+    try:
+        C.install()
+        assert C.is_installed()
+        with pytest.raises(C.UnknownSchemeError) as err:
+            CheckpointLoader.load_checkpoint('foreign://x.pth')
+        assert calls == []
+        assert str(err.value) == (
+            'refused to load checkpoint foreign://x.pth: its scheme '
+            "'foreign://' is served by test_checkpoint.test_other_schemes_are"
+            '_refused_and_uninstall_restores.<locals>.foreign, which '
+            'davit_ext cannot check loads with weights_only=True. Download '
+            'the file yourself and pass its local path, or, if you trust '
+            'that loader, call davit_ext.checkpoint.uninstall() (or set '
+            'DAVIT_EXT_DISABLE=checkpoint before importing davit_ext).')
+        C.uninstall()
+        assert not C.is_installed()
+        # mmengine's own loaders, and the foreign one, are back
+        assert CheckpointLoader._schemes[''] is mm.load_from_local
+        assert CheckpointLoader._schemes['mmcls://'] is mm.load_from_mmcls
+        assert CheckpointLoader.load_checkpoint('foreign://x.pth') == {}
+        assert calls == ['foreign://x.pth']
+    finally:
+        CheckpointLoader._schemes.pop('foreign://', None)
+        C.install()
+    assert C.is_installed()
+
+
+# --------------------------------------------------------------------------
+# HistoryBuffer: no class state from a file
+# --------------------------------------------------------------------------
+
+
+def _crafted_history_buffer(path):
+    """A checkpoint whose HistoryBuffer maps ``mean`` to ``max`` and adds a
+    method: mmengine's ``__setstate__`` copies that into the class dict."""
+    buf = HistoryBuffer()
+    buf.update(1.0)
+    buf.update(3.0)
+    methods = HistoryBuffer._statistics_methods
+    saved = dict(methods)
+    try:
+        methods['mean'] = HistoryBuffer.max
+        methods['evil'] = HistoryBuffer.min
+        torch.save({'message_hub': {'log_scalars': {'loss': buf}}}, path)
+    finally:
+        methods.clear()
+        methods.update(saved)
+
+
+def test_crafted_history_buffer_cannot_change_class_state(tmp_path):
+    path = str(tmp_path / 'crafted.pth')
+    _crafted_history_buffer(path)
+    before = dict(HistoryBuffer._statistics_methods)
+    setstate = HistoryBuffer.__dict__['__setstate__']
+    assert before['mean'] is HistoryBuffer.mean
+    with pytest.raises(C.UnsafeCheckpointError) as err:
+        C.load_checkpoint_file(path)
+    assert ('a HistoryBuffer in it sets statistics methods '
+            "['evil', 'mean'] that are not mmengine's own (min, max, mean, "
+            'current mapped to themselves): this is not allowed') in str(
+                err.value)
+    assert HistoryBuffer._statistics_methods == before
+    assert HistoryBuffer.__dict__['__setstate__'] is setstate
+
+    # The attack is real: the bare allowlist lets the file change it.
+    try:
+        with torch.serialization.safe_globals(C.allowed_globals()):
+            torch.load(path, weights_only=True)
+        assert HistoryBuffer._statistics_methods['mean'] is HistoryBuffer.max
+    finally:
+        HistoryBuffer._statistics_methods.clear()
+        HistoryBuffer._statistics_methods.update(before)
+
+
+def test_runner_history_buffer_loads_without_class_state_change(tmp_path):
+    path = str(tmp_path / 'epoch_2.pth')
+    torch.save(_runner_like_checkpoint(), path)
+    methods = HistoryBuffer._statistics_methods
+    methods['probe'] = HistoryBuffer.current  # the process's own state
+    try:
+        before = dict(methods)
+        buf = C.load_checkpoint_file(
+            path)['message_hub']['log_scalars']['train/loss']
+        assert HistoryBuffer._statistics_methods == before
+        assert 'statistics_methods' not in buf.__dict__
+        assert buf.statistics('mean') == pytest.approx(0.875 / 3)
+        assert buf.statistics('max') == 0.5
+    finally:
+        methods.pop('probe')
+
+
+# --------------------------------------------------------------------------
+# The torch floor
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('version', ['2.5.1', '2.4.0+cpu', '1.13.1'])
+def test_old_torch_is_refused_with_one_message(monkeypatch, tmp_path, version):
+    path = str(tmp_path / 'w.pth')
+    torch.save(WEIGHTS, path)
+    monkeypatch.setattr(torch, '__version__', version)
+    with pytest.raises(C.UnsupportedTorchError) as err:
+        C.load_checkpoint_file(path)
+    assert str(err.value) == (
+        f'davit_ext loads checkpoints only with torch >= 2.6, found torch '
+        f'{version}: older torch can run code from a crafted checkpoint even '
+        f'with weights_only=True (CVE-2025-32434). Upgrade torch (pip '
+        f'install "torch>=2.6" with its matching torchvision); nothing was '
+        f'loaded.')
+
+
+def test_torch_without_safe_globals_is_not_called_corrupt(
+        monkeypatch, tmp_path):
+    path = str(tmp_path / 'w.pth')
+    torch.save(WEIGHTS, path)
+    monkeypatch.delattr(torch.serialization, 'safe_globals')
+    with pytest.raises(C.UnsupportedTorchError) as err:
+        C.load_checkpoint_file(path)
+    assert 'and lacks torch.serialization.safe_globals. Upgrade' in str(
+        err.value)
+    assert 'truncated' not in str(err.value)
+
+
+def test_setup_declares_the_torch_floor():
+    """setup.py's requirements() (run, not grepped) asks for torch>=2.6."""
+    import ast
+    setup_py = osp.join(osp.dirname(osp.dirname(__file__)), 'setup.py')
+    tree = ast.parse(open(setup_py).read())
+    funcs = [
+        n for n in tree.body
+        if isinstance(n, ast.FunctionDef) and n.name in ('requirements',
+                                                         'has_full_mmcv')
+    ]
+    scope = {'metadata': __import__('importlib').metadata}
+    exec(compile(ast.Module(funcs, []), setup_py, 'exec'), scope)
+    reqs = scope['requirements']()
+    assert 'torch>=2.6' in reqs
+    assert [r for r in reqs if r.startswith('torch')][:1] == ['torch>=2.6']
