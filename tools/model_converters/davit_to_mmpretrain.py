@@ -63,7 +63,7 @@ def load_source(path: str, allow_pickle: bool = False):
     against the sha256 prefix in their name. ``allow_pickle`` unpickles
     anything (trusted files only).
     """
-    from davit_ext.checkpoint import allowed_globals, download_checkpoint
+    from davit_ext.checkpoint import download_checkpoint, safe_load_context
     source = path
     if path.startswith(('http://', 'https://')):
         path = download_checkpoint(path)
@@ -79,7 +79,7 @@ def load_source(path: str, allow_pickle: bool = False):
     if allow_pickle:
         return torch.load(path, map_location='cpu', weights_only=False)
     try:
-        with torch.serialization.safe_globals(allowed_globals()):
+        with safe_load_context():  # allowlist, HistoryBuffer guarded
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines()]
