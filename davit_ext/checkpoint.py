@@ -252,10 +252,13 @@ def _guarded_setstate(self: Any, state: Dict[str, Any]) -> None:
         name: getattr(HistoryBuffer, name)
         for name in _HISTORY_BUFFER_STATISTICS
     }
-    wrong = sorted(
-        name for name, method in methods.items()
-        if defaults.get(name, defaults) is not method) if isinstance(
-            methods, dict) else type(methods).__name__
+    if isinstance(methods, dict):
+        missing = object()
+        wrong = sorted(
+            str(name) for name, method in methods.items()
+            if defaults.get(name, missing) is not method)
+    else:
+        wrong = [type(methods).__name__]
     if wrong:
         raise pickle.UnpicklingError(
             f'a HistoryBuffer in it sets statistics methods {wrong} that are '

@@ -824,3 +824,25 @@ def test_setup_declares_the_torch_floor():
     reqs = scope['requirements']()
     assert 'torch>=2.6' in reqs
     assert [r for r in reqs if r.startswith('torch')][:1] == ['torch>=2.6']
+
+
+@pytest.mark.parametrize('scheme', ['local', 'open-mmlab:// (file)'])
+def test_torch_force_no_weights_only_load_does_not_switch_us_off(
+        scheme, monkeypatch, tmp_path):
+    """torch honours TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 only where weights_only
+    is not passed; ours always pass it."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+    C.install()
+    monkeypatch.setenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
+    marker = tmp_path / 'payload_ran'
+    evil = _bytes({'state_dict': {}, 'x': _MkdirPayload(str(marker))})
+    if scheme == 'local':
+        filename = str(tmp_path / 'evil.pth')
+        with open(filename, 'wb') as f:
+            f.write(evil)
+    else:
+        _, filename = _scheme_open_mmlab_file(
+            evil, monkeypatch=monkeypatch, tmp_path=tmp_path)
+    with pytest.raises(C.UnsafeCheckpointError, match='posix.mkdir'):
+        CheckpointLoader.load_checkpoint(filename, map_location='cpu')
+    assert not marker.exists()
