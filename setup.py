@@ -36,7 +36,10 @@ def has_full_mmcv() -> bool:
 
 def requirements():
     reqs = [
-        'torch', 'torchvision', 'mmengine>=0.10.7,<1.0',
+        # torch >= 2.6: safe weights_only loading (CVE-2025-32434).
+        'torch>=2.6',
+        'torchvision',
+        'mmengine>=0.10.7,<1.0',
         'mmpretrain>=1.2.0,<2.0'
     ]
     reqs.append(

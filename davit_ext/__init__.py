@@ -2,7 +2,10 @@
 
 Importing the package registers mmpretrain's modules and ours, so configs with
 ``default_scope='davit_ext'`` build our ``DaViT`` and mmpretrain's everything
-else.
+else. It also changes mmengine and mmpretrain process-wide (safe checkpoint
+loaders, the model hub, mmpretrain's DaViT names, the FLOP table): see
+:mod:`davit_ext.side_effects` for the list and how to opt out of each
+(``DAVIT_EXT_DISABLE``).
 """
 from mmpretrain.utils import register_all_modules as _register_mmpretrain
 
@@ -18,12 +21,16 @@ from .analysis import register_flop_handles  # noqa: E402
 from .checkpoint import install as _install_safe_checkpoints  # noqa: E402
 from .florence2 import install as _install_florence2  # noqa: E402
 from .registry import MODELS  # noqa: E402,F401
+from .side_effects import disabled as _disabled  # noqa: E402
 
-register_flop_handles()
+if 'flops' not in _disabled():
+    register_flop_handles()
 # mmengine's loaders, as used by the runner, get_model and inference_model,
 # load with weights_only=True and our allowlist (torch >= 2.6 checkpoints).
-_install_safe_checkpoints()
-# The florence2:// weights of the -fl hub models (converted when loaded).
+if 'checkpoint' not in _disabled():
+    _install_safe_checkpoints()
+# The florence2:// weights of the -fl hub models (converted when loaded);
+# registered after the safe loaders, which refuse schemes they do not know.
 _install_florence2()
 
 __all__ = ['__version__', 'MODELS', 'models']

@@ -27,3 +27,10 @@ def register_flop_handles() -> None:
     """Add our handles to mmengine's default table (idempotent)."""
     complexity_analysis._DEFAULT_SUPPORTED_FLOP_OPS.setdefault(
         SDPA_OP, sdpa_flop_jit)
+
+
+def unregister_flop_handles() -> None:
+    """Remove our handles from mmengine's table (others' stay)."""
+    table = complexity_analysis._DEFAULT_SUPPORTED_FLOP_OPS
+    if table.get(SDPA_OP) is sdpa_flop_jit:
+        del table[SDPA_OP]

@@ -28,8 +28,8 @@ from mmengine.config import Config
 from mmpretrain.apis.model import ModelHub
 
 __all__ = [
-    'SCOPE', 'install', 'mim_root', 'model_names', 'is_davit_ext_model',
-    'load_config'
+    'SCOPE', 'install', 'uninstall', 'mim_root', 'model_names',
+    'is_davit_ext_model', 'load_config'
 ]
 
 SCOPE = 'davit_ext'
@@ -41,6 +41,11 @@ _models: Optional[Dict[str, object]] = None
 _added = False
 # Why our model index could not be read (a broken install), if so.
 _load_error: Optional[Exception] = None
+# install(keep_mmpretrain_names=True): leave mmpretrain's own names alone.
+_keep_mmpretrain_names = False
+# mmpretrain's entries we replaced (restored by uninstall), and ours added.
+_replaced: Dict[str, object] = {}
+_our_entries: Dict[str, object] = {}
 
 
 def mim_root() -> str:
@@ -104,7 +109,12 @@ def _add_ours() -> None:
         # Replaces mmpretrain's entry of the same name, if any: mmpretrain
         # only checks for conflicts when it registers an index, which it has
         # done by now and does once.
+        if name in ModelHub._models_dict:
+            if _keep_mmpretrain_names:
+                continue
+            _replaced[name] = ModelHub._models_dict[name]
         ModelHub._models_dict[name] = metainfo
+        _our_entries[name] = metainfo
 
 
 def _scoped(config: Config) -> Config:
@@ -124,14 +134,22 @@ def load_config(path: str) -> Config:
     return _scoped(Config.fromfile(path))
 
 
-def install() -> None:
+def install(keep_mmpretrain_names: bool = False) -> None:
     """Hook our models into mmpretrain's ``ModelHub``.
 
-    Idempotent.
+    Idempotent (the first call's ``keep_mmpretrain_names`` holds until
+    :func:`uninstall`).
+
+    Args:
+        keep_mmpretrain_names (bool): Leave the names mmpretrain already has
+            (``davit-*_3rdparty_in1k``) to mmpretrain's DaViT; only our other
+            names (``-official``) are added. Defaults to False.
     """
+    global _keep_mmpretrain_names
     register = ModelHub.__dict__['_register_mmpretrain_models'].__func__
     if getattr(register, '_davit_ext', False):
         return
+    _keep_mmpretrain_names = keep_mmpretrain_names
     get = ModelHub.__dict__['get'].__func__
 
     def _register_mmpretrain_models(cls):
@@ -144,12 +162,16 @@ def install() -> None:
                 model_name.lower().startswith('davit'):
             raise _load_error
         metainfo = get(cls, model_name)
-        if _load_error is None and is_davit_ext_model(model_name) and \
+        if _load_error is None and \
+                _our_entries.get(model_name.lower()) is \
+                ModelHub._models_dict.get(model_name.lower()) and \
                 isinstance(metainfo.config, Config):
             _scoped(metainfo.config)
         return metainfo
 
     _register_mmpretrain_models._davit_ext = True
+    _register_mmpretrain_models._original = register
+    get_with_scope._original = get
     _register_mmpretrain_models.__doc__ = register.__doc__
     get_with_scope.__doc__ = get.__doc__
     ModelHub._register_mmpretrain_models = classmethod(
@@ -157,4 +179,32 @@ def install() -> None:
     ModelHub.get = classmethod(get_with_scope)
 
 
-install()
+def uninstall() -> None:
+    """Give mmpretrain's ``ModelHub`` back as it was (undo :func:`install`).
+
+    Our entries are removed and mmpretrain's DaViT entries restored.
+    """
+    global _added
+    register = ModelHub.__dict__['_register_mmpretrain_models'].__func__
+    if not getattr(register, '_davit_ext', False):
+        return
+    get = ModelHub.__dict__['get'].__func__
+    ModelHub._register_mmpretrain_models = classmethod(register._original)
+    ModelHub.get = classmethod(get._original)
+    for name, metainfo in _our_entries.items():
+        if ModelHub._models_dict.get(name) is metainfo:
+            del ModelHub._models_dict[name]
+    ModelHub._models_dict.update(_replaced)
+    _our_entries.clear()
+    _replaced.clear()
+    _added = False
+
+
+def _install_unless_disabled() -> None:
+    from .side_effects import disabled
+    off = disabled()
+    if 'hub' not in off:
+        install(keep_mmpretrain_names='names' in off)
+
+
+_install_unless_disabled()

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     from davit_ext.startup import load_config as read_config
 
     # Checkpoints load with weights_only=True; downloads are checked against
-    # the sha256 prefix in their name and fail with a clear message offline.
+    # a sha256 where one is known and fail with a clear message offline.
     checkpoint.install()
 
     if not Path(args.img).is_file():

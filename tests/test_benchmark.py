@@ -1,17 +1,21 @@
 """Smoke test of tools/analysis_tools/benchmark.py: it runs and writes JSON.
 
-Not a speed test: a tiny custom arch, batch 1, one timed round. What it does
+Not a speed test: a tiny custom arch, batch 2, three timed rounds. What it does
 check for real is that the peers get the same weights (the tool's output checks
-pass) and that each figure the README quotes is there.
+pass), that each figure the README quotes is there, and that every img/s and
+ratio is recomputed exactly from the raw timings in the JSON (a swapped or
+inverted ratio, a mean for a median, a wrong batch fails).
 """
 import importlib.util
 import json
 import os.path as osp
+import statistics
 
 import pytest
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY = '{"embed_dims": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2]}'
+BATCH, ITERS = 2, 3
 
 
 def load_tool():
@@ -27,9 +31,10 @@ def result(tmp_path_factory):
     pytest.importorskip('timm')
     out = tmp_path_factory.mktemp('bench') / 'bench.json'
     load_tool().main([
-        '--arch', TINY, '--batch', '1', '--img-size', '112', '--iters', '1',
-        '--warmup', '0', '--threads', '1', '--with-cp', '--profile', '5',
-        '--json',
+        '--arch', TINY, '--batch',
+        str(BATCH), '--img-size', '112', '--iters',
+        str(ITERS), '--warmup', '0', '--threads', '1', '--with-cp',
+        '--profile', '5', '--json',
         str(out)
     ])
     with open(out) as f:
@@ -45,11 +50,44 @@ def test_json_fields(result):
         for key in ('infer_img_s', 'train_img_s', 'train_peak_mb',
                     'infer_peak_mb'):
             assert res[name][key] > 0, (name, key)
-        assert len(res[name]['infer_s']) == 1
+        assert len(res[name]['infer_s']) == ITERS
+        assert len(res[name]['train_s']) == ITERS
     assert res['ours']['infer_img_s_vs_timm'] > 0
     assert res['ours-cp']['train_peak_mb'] > 0
     assert 'infer_img_s' not in res['ours-cp']
     assert 0 < res['ours-cp']['train_peak_vs_ours']
+
+
+def test_throughput_and_ratios_follow_from_the_timings(result):
+    res = result['results']
+    assert result['config']['batch'] == BATCH
+    for name in ('ours', 'ours-official', 'timm'):
+        for key in ('infer', 'train'):
+            times = res[name][f'{key}_s']
+            assert res[name][f'{key}_img_s'] == pytest.approx(
+                BATCH / statistics.median(times), rel=1e-12)
+    peers = [p for p in ('mmpretrain', 'timm') if p in res]
+    assert 'timm' in peers
+    checked = 0
+    for name in ('ours', 'ours-official'):
+        for peer in peers:
+            for metric in ('infer_img_s', 'train_img_s'):  # higher: better
+                assert res[name][f'{metric}_vs_{peer}'] == pytest.approx(
+                    res[name][metric] / res[peer][metric], rel=1e-12)
+                checked += 1
+            for metric in ('train_peak_mb', 'infer_peak_mb'):  # lower
+                assert res[name][f'{metric}_vs_{peer}'] == pytest.approx(
+                    res[peer][metric] / res[name][metric], rel=1e-12)
+                checked += 1
+    assert checked == 8 * len(peers)
+    # ours-cp trains only: its ratios are about training
+    assert res['ours-cp']['train_img_s_vs_timm'] == pytest.approx(
+        res['ours-cp']['train_img_s'] / res['timm']['train_img_s'], rel=1e-12)
+    assert res['ours-cp']['train_peak_vs_ours'] == pytest.approx(
+        res['ours-cp']['train_peak_mb'] / res['ours']['train_peak_mb'],
+        rel=1e-12)
+    # peers get no ratios of their own
+    assert not any('_vs_' in k for p in peers for k in res[p])
 
 
 def test_profile_shares(result):

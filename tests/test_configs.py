@@ -1,6 +1,7 @@
 """The ImageNet configs, their bases, the metafile and the demo config."""
 import os.path as osp
 
+import mmpretrain
 import pytest
 import yaml
 from mmengine.config import Config
@@ -59,78 +60,77 @@ def test_mmpretrain_get_model_builds_our_backbone_from_a_config_path():
     assert type(model.backbone) is DaViT
 
 
-def test_dataset_base():
-    cfg = _config('configs/_base_/datasets/imagenet_bs256_davit_224.py')
-    assert cfg.data_preprocessor == dict(
-        num_classes=1000,
-        mean=[123.675, 116.28, 103.53],
-        std=[58.395, 57.12, 57.375],
-        to_rgb=True)
-    train = cfg.train_dataloader.dataset.pipeline
-    assert [t['type'] for t in train] == [
-        'LoadImageFromFile', 'RandomResizedCrop', 'RandomFlip', 'RandAugment',
-        'RandomErasing', 'PackInputs'
-    ]
-    assert train[1] == dict(
-        type='RandomResizedCrop',
-        scale=224,
-        backend='pillow',
-        interpolation='bicubic')
-    assert train[2] == dict(
-        type='RandomFlip', prob=0.5, direction='horizontal')
-    assert train[3] == dict(
-        type='RandAugment',
-        policies='timm_increasing',
-        num_policies=2,
-        total_level=10,
-        magnitude_level=9,
-        magnitude_std=0.5,
-        hparams=dict(pad_val=[104, 116, 124], interpolation='bicubic'))
-    assert train[4]['erase_prob'] == 0.25
-    assert train[4]['fill_color'] == [103.53, 116.28, 123.675]
-    assert cfg.test_dataloader.dataset.pipeline == [
-        dict(type='LoadImageFromFile'),
-        dict(
-            type='ResizeEdge',
-            scale=236,
-            edge='short',
-            backend='pillow',
-            interpolation='bicubic'),
-        dict(type='CenterCrop', crop_size=224),
-        dict(type='PackInputs'),
-    ]
-    assert cfg.train_dataloader.dataset.type == 'ImageNet'
-    assert cfg.train_dataloader.dataset.data_root == 'data/imagenet'
-    assert cfg.val_dataloader.dataset.split == 'val'
-    assert cfg.val_evaluator == dict(type='Accuracy', topk=(1, 5))
+MMPRETRAIN_CONFIGS = osp.join(
+    osp.dirname(mmpretrain.__file__), '.mim', 'configs', 'davit')
+# Every way our ImageNet configs differ from those mmpretrain 1.2 ships for
+# DaViT (key: (ours, mmpretrain's)); anything else must be equal.
+MISSING = '<missing>'
+INTENDED = {
+    # our scope, so that type='DaViT' is our backbone
+    'default_scope': ('davit_ext', 'mmpretrain'),
+    'model._scope_': ('davit_ext', MISSING),
+    'custom_imports.imports': (['davit_ext'], MISSING),
+    'custom_imports.allow_failed_imports': (False, MISSING),
+    # a variable of our dataset base (its value is in every data_root)
+    'data_root': ('data/imagenet', MISSING),
+}
+ARCH_ALIAS = {'small': ('s', 'small'), 'base': ('b', 'base')}
+OFFICIAL = {
+    # the original forward: pooled, normalised features, no neck
+    'model.backbone.official': (True, MISSING),
+    'model.neck': (None, MISSING),
+    'model.neck.type': (MISSING, 'GlobalAveragePooling'),
+}
 
 
-def test_schedule_and_runtime_bases():
-    cfg = _config('configs/_base_/schedules/imagenet_bs1024_adamw_swin.py')
-    assert cfg.optim_wrapper.optimizer == dict(
-        type='AdamW', lr=1e-3, weight_decay=0.05, eps=1e-8, betas=(0.9, 0.999))
-    pw = cfg.optim_wrapper.paramwise_cfg
-    assert (pw.norm_decay_mult, pw.bias_decay_mult,
-            pw.flat_decay_mult) == (0.0, 0.0, 0.0)
-    assert pw.custom_keys == {
-        '.absolute_pos_embed': dict(decay_mult=0.0),
-        '.relative_position_bias_table': dict(decay_mult=0.0)
+def _flat(value, prefix=''):
+    """{'a.b.0.c': leaf} of a config (lists of scalars stay whole)."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flat(v, f'{prefix}{k}.'))
+        return out
+    if isinstance(value, (list, tuple)) and any(
+            isinstance(v, (dict, list, tuple)) for v in value):
+        out = {f'{prefix}#len': len(value)}
+        for i, v in enumerate(value):
+            out.update(_flat(v, f'{prefix}{i}.'))
+        return out
+    return {prefix[:-1]: list(value) if isinstance(value, tuple) else value}
+
+
+def _differences(ours, theirs):
+    a, b = _flat(ours.to_dict()), _flat(theirs.to_dict())
+    return {
+        k: (a.get(k, MISSING), b.get(k, MISSING))
+        for k in sorted(set(a) | set(b))
+        if a.get(k, MISSING) != b.get(k, MISSING)
     }
-    assert cfg.param_scheduler == [
-        dict(
-            type='LinearLR',
-            start_factor=1e-3,
-            by_epoch=True,
-            end=20,
-            convert_to_iter_based=True),
-        dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=True, begin=20)
-    ]
-    assert cfg.train_cfg == dict(by_epoch=True, max_epochs=300, val_interval=1)
-    assert cfg.auto_scale_lr == dict(base_batch_size=1024)
 
+
+@pytest.mark.parametrize('size', ['tiny', 'small', 'base'])
+@pytest.mark.parametrize('official', [False, True])
+def test_configs_equal_mmpretrains_but_for_the_intended(size, official):
+    """Key by key against mmpretrain's shipped configs (which also holds our
+    _base_ dataset, schedule and runtime to mmpretrain's recipe)."""
+    suffix = '-official' if official else ''
+    ours = _config(f'configs/davit/davit-{size}_4xb256_in1k{suffix}.py')
+    theirs = Config.fromfile(
+        osp.join(MMPRETRAIN_CONFIGS, f'davit-{size}_4xb256_in1k.py'))
+    expected = dict(INTENDED)
+    if size in ARCH_ALIAS:  # 's' and 'small' name the same arch
+        expected['model.backbone.arch'] = ARCH_ALIAS[size]
+        assert DaViT.arch_zoo['s'] is DaViT.arch_zoo['small']
+        assert DaViT.arch_zoo['b'] is DaViT.arch_zoo['base']
+    if official:
+        expected.update(OFFICIAL)
+    assert _differences(ours, theirs) == expected
+
+
+def test_runtime_base_scope_and_cpu_fallback():
     rt = _config('configs/_base_/default_runtime.py')
     assert rt.default_scope == 'davit_ext'
-    assert rt.env_cfg.dist_cfg == dict(backend='nccl')
+    assert rt.env_cfg.dist_cfg == dict(backend='nccl')  # tools switch to gloo
     assert rt.default_hooks.checkpoint == dict(
         type='CheckpointHook', interval=1)
 

@@ -94,7 +94,9 @@ def test_params_and_flops_match_published(arch, davit_scope):
     counted = get_model_complexity_info(
         model, input_shape=(3, 224, 224), show_table=False,
         show_arch=False)['flops']
-    assert abs(counted - flops) / flops < 0.01, counted
+    # 0.017 % off on this stack (mmengine counts a few small ops the
+    # published figure does not); a dropped or halved attention count is not.
+    assert abs(counted - flops) / flops < 5e-4, counted
 
 
 def test_state_dict_layout_is_mmpretrain():

@@ -2,7 +2,6 @@
 import hashlib
 import http.server
 import json
-import math
 import os
 import os.path as osp
 import subprocess
@@ -35,10 +34,6 @@ WEIGHTS = {
     'davit-base_3rdparty_in1k_20221116-19e0d956.pth',
 }
 PARAMS = {'tiny': 28360168, 'small': 49745896, 'base': 87954408}
-# A checkpoint whose head always answers class 207 ("golden retriever")
-# with logit 10 against 0 for the 999 others.
-GOLDEN = 207
-GOLDEN_SCORE = math.exp(10) / (math.exp(10) + 999)
 
 # One image at a time: one thread is as fast and does not suffer from other
 # processes competing for the cores.
@@ -191,7 +186,8 @@ def test_load_config_marks_the_scope():
 # --------------------------------------------------------------- inference
 @pytest.fixture(scope='module')
 def assets(tmp_path_factory):
-    """An image and a golden-retriever checkpoint, outside the repo."""
+    """An image and a checkpoint with random weights (head included), outside
+    the repo; served under an OpenMMLab-style (hashed) name."""
     import cv2
     import numpy as np
     root = tmp_path_factory.mktemp('inference')
@@ -199,23 +195,82 @@ def assets(tmp_path_factory):
     img = rng.integers(0, 255, (180, 240, 3), dtype=np.uint8)
     cv2.imwrite(str(root / 'dog.png'), img)
     from mmpretrain import get_model
+    torch.manual_seed(0)
     state = get_model('davit-tiny_3rdparty_in1k').state_dict()
-    state['head.fc.weight'].zero_()
-    state['head.fc.bias'].zero_()
-    state['head.fc.bias'][GOLDEN] = 10.
+    # A non-zero head: the prediction depends on every backbone weight.
+    state['head.fc.weight'] = torch.randn(1000, 768) * 0.05
+    state['head.fc.bias'] = torch.randn(1000) * 0.5
     ckpt = root / 'ckpt.pth'
     torch.save({'state_dict': state, 'meta': {}}, ckpt)
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:8]
     served = root / 'served'
     served.mkdir()
-    url_name = f'davit-tiny_random-{digest}.pth'
+    url_name = f'davit-tiny_random_20240315-{digest}.pth'
     (served / url_name).write_bytes(ckpt.read_bytes())
     return dict(
         root=root,
         img=str(root / 'dog.png'),
         ckpt=str(ckpt),
+        state=state,
         served=str(served),
         url_name=url_name)
+
+
+@pytest.fixture(scope='module')
+def oracle(assets):
+    """What the peers predict with the same weights and image.
+
+    Standard mode: mmpretrain's inferencer with mmpretrain's own DaViT config.
+    Official mode: timm's DaViT on the very input mmpretrain's pipeline made.
+    """
+    timm = pytest.importorskip('timm')
+    from mmpretrain.apis import ImageClassificationInferencer
+
+    from davit_ext.converters import mmpretrain_to_timm
+    mm_cfg = osp.join(
+        osp.dirname(__import__('mmpretrain').__file__), '.mim', 'configs',
+        'davit', 'davit-tiny_4xb256_in1k.py')
+    inferencer = ImageClassificationInferencer(
+        mm_cfg, pretrained=assets['ckpt'], device='cpu')
+    assert type(inferencer.model.backbone).__module__.startswith('mmpretrain.')
+    inputs = []
+    inferencer.model.backbone.register_forward_pre_hook(
+        lambda module, args: inputs.append(args[0].detach().clone()))
+    standard = inferencer(assets['img'])[0]
+    ref = timm.create_model('davit_tiny').eval()
+    ref.load_state_dict(mmpretrain_to_timm(assets['state']), strict=True)
+    with torch.no_grad():
+        official = ref(inputs[0]).softmax(-1)[0]
+    out = {}
+    for mode, scores in (('standard',
+                          torch.as_tensor(standard['pred_scores'])),
+                         ('official', official)):
+        top2 = scores.topk(2)
+        # the label is decided, not a near tie
+        assert top2.values[0] - top2.values[1] > 1e-3, mode
+        out[mode] = dict(
+            pred_label=int(top2.indices[0]),
+            pred_score=float(top2.values[0]),
+            pred_scores=scores.tolist())
+    assert standard['pred_label'] == out['standard']['pred_label']
+    # the two forwards really differ: a mode mix-up cannot pass
+    diff = (torch.tensor(out['standard']['pred_scores']) -
+            torch.tensor(out['official']['pred_scores'])).abs().max()
+    assert diff > 1e-3
+    return out
+
+
+def check_against(result, expected):
+    from mmpretrain.datasets.categories import IMAGENET_CATEGORIES
+    assert result['pred_label'] == expected['pred_label']
+    assert result['pred_class'] == IMAGENET_CATEGORIES[expected['pred_label']]
+    assert result['pred_score'] == pytest.approx(
+        expected['pred_score'], rel=1e-4)
+    if 'pred_scores' in result:
+        assert torch.allclose(
+            torch.tensor(result['pred_scores']),
+            torch.tensor(expected['pred_scores']),
+            atol=1e-5)
 
 
 @pytest.fixture
@@ -238,16 +293,9 @@ def http_server(assets):
     server.server_close()
 
 
-def check_golden(result):
-    from mmpretrain.datasets.categories import IMAGENET_CATEGORIES
-    assert result['pred_label'] == GOLDEN
-    assert result['pred_class'] == IMAGENET_CATEGORIES[GOLDEN] == \
-        'golden retriever'
-    assert result['pred_score'] == pytest.approx(GOLDEN_SCORE, rel=1e-5)
-
-
-def test_inference_model_by_name_outside_the_repo(assets, http_server):
-    """Local file and URL, both modes, in a fresh process run elsewhere."""
+def test_inference_model_by_name_outside_the_repo(assets, oracle, http_server):
+    """Local file and URL, both modes, in a fresh process run elsewhere: the
+    same predictions as mmpretrain (standard) and timm (official)."""
     url = f'{http_server}/{assets["url_name"]}'
     code = f'''
         import json, os
@@ -260,7 +308,7 @@ def test_inference_model_by_name_outside_the_repo(assets, http_server):
             for source in ({assets["ckpt"]!r}, {url!r}):
                 r = inference_model(name, {assets["img"]!r},
                                     pretrained=source, device='cpu')
-                r.pop('pred_scores')
+                r['pred_scores'] = r['pred_scores'].tolist()
                 out[name + ' ' + source[:4]] = r
         print(json.dumps(out))
     '''
@@ -270,12 +318,15 @@ def test_inference_model_by_name_outside_the_repo(assets, http_server):
             cwd=str(assets['root']),
             env=dict(TORCH_HOME=str(assets['root'] / 'torch_home'))))
     assert len(out) == 4
-    for result in out.values():
-        assert set(result) == {'pred_label', 'pred_score', 'pred_class'}
-        check_golden(result)
+    for key, result in out.items():
+        assert set(result) == {
+            'pred_label', 'pred_score', 'pred_class', 'pred_scores'
+        }
+        mode = 'official' if '-official' in key else 'standard'
+        check_against(result, oracle[mode])
 
 
-def test_demo_script(assets):
+def test_demo_script(assets, oracle):
     proc = subprocess.run([
         sys.executable,
         osp.join(REPO, 'demo', 'image_demo.py'), assets['img'],
@@ -288,7 +339,8 @@ def test_demo_script(assets):
                           text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    check_golden(json.loads(proc.stdout[proc.stdout.index('{'):]))
+    check_against(
+        json.loads(proc.stdout[proc.stdout.index('{'):]), oracle['official'])
 
 
 def test_demo_script_bad_input(assets):

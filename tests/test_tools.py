@@ -106,16 +106,25 @@ def _load(path):
 
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
-    """A 2-class CustomDataset (dark vs bright 32x32 noise) and a config."""
+    """A 2-class CustomDataset of real handwritten digits and a config.
+
+    scikit-learn's digits (offline), 3 against 8, as 32x32 RGB: 8 training and
+    20 held-out images per class. Unlike noise of two brightnesses, the classes
+    take learning, so top-1 is graded and tells weights apart.
+    """
+    from sklearn.datasets import load_digits
+    digits = load_digits()
     root = tmp_path_factory.mktemp('tiny')
-    rng = np.random.default_rng(0)
-    for split, n in (('train', 8), ('val', 4)):
-        for label, (lo, hi) in enumerate(((0, 100), (120, 250))):
+    for label, digit in enumerate((3, 8)):
+        index = np.flatnonzero(digits.target == digit)
+        for split, chosen in (('train', index[:8]), ('val', index[8:28])):
             folder = root / 'data' / split / str(label)
             folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(lo, hi, (32, 32, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f'{i}.png')
+            for i in chosen:
+                grey = np.rint(digits.data[i] * (255. / 16.)).astype(np.uint8)
+                Image.fromarray(grey.reshape(8, 8)).resize(
+                    (32, 32),
+                    Image.BICUBIC).convert('RGB').save(folder / f'{i}.png')
     config = root / 'tiny_config.py'
     config.write_text(
         TINY_CONFIG.format(base=BASE_CONFIG, data=str(root / 'data')))
@@ -171,6 +180,10 @@ def test_test_tool_evaluates_the_checkpoint(runs, tiny):
         metrics = json.load(f)
     # same weights, same images as the straight run's last validation
     assert metrics['accuracy/top1'] == _val_top1(runs.log_a, 2)
+    # ... on a set where top-1 is graded (40 images: steps of 2.5 %) and
+    # moved with the weights, so that the equality says which were used
+    assert 0 < metrics['accuracy/top1'] < 100
+    assert _val_top1(runs.log_a, 1) != _val_top1(runs.log_a, 2)
 
 
 def _published_style(runs, tiny):

@@ -4,8 +4,10 @@
 # nothing of the source tree on the path) and check from a folder outside the
 # source tree that the packaged configs, model index and tools work:
 # mmpretrain's list_models/get_model/inference_model serve our DaViT by name
-# (with a local random-weights checkpoint), other mmpretrain names still
-# build, and the converter tool runs from the installed package.
+# (with a local random-weights checkpoint, head included, whose predictions
+# must equal those of mmpretrain's own DaViT and, in official mode, timm's),
+# other mmpretrain names still build, and the converter tool runs from the
+# installed package.
 #
 #   bash tools/check_wheel_install.sh [--keep]
 #
@@ -36,6 +38,8 @@ else
     -cf - .) | tar -xf - -C "$WORK/src"
 fi
 
+# Nothing of the source tree (or of a developer's PYTHONPATH) on the path.
+unset PYTHONPATH
 step "creating a fresh venv"
 "$PY" -m venv "$WORK/venv"
 VPY="$WORK/venv/bin/python"
@@ -47,13 +51,14 @@ step "building the wheel"
 WHEEL="$(ls "$WORK"/dist/davit_ext-*.whl)"
 step "installing $(basename "$WHEEL")"
 "$VPY" -m pip install -qq "$WHEEL"
+# timm: the oracle of the official forward (a test extra, not a dependency).
+"$VPY" -m pip install -qq "timm>=1.0"
 rm -rf "$WORK/src"  # nothing of the source may be used from here on
 
 step "checking from $WORK/run"
 cd "$WORK/run"
 SRC_ROOT="$SRC_ROOT" WHEEL="$WHEEL" TORCH_HOME="$WORK/torch_home" \
   "$VPY" - <<'PYEOF'
-import math
 import os
 import os.path as osp
 import subprocess
@@ -101,18 +106,42 @@ assert type(official.backbone) is DaViT and official.backbone.official
 resnet = get_model('resnet18_8xb32_in1k')
 assert type(resnet.backbone).__name__ == 'ResNet'
 
-# 4. Inference by name with a local checkpoint: the head answers 207.
+# 4. Inference by name with a local checkpoint of random weights (a non-zero
+# head): the same predictions as mmpretrain's own DaViT (its shipped config)
+# and, for the official forward, timm's on the same input.
+import mmpretrain  # noqa: E402
+import timm  # noqa: E402
+from mmpretrain.apis import ImageClassificationInferencer  # noqa: E402
+from davit_ext.converters import mmpretrain_to_timm  # noqa: E402
+torch.manual_seed(0)
 state = tiny.state_dict()
-state['head.fc.weight'].zero_()
-state['head.fc.bias'].zero_()
-state['head.fc.bias'][207] = 10.
+state['head.fc.weight'] = torch.randn(1000, 768) * 0.05
+state['head.fc.bias'] = torch.randn(1000) * 0.5
 torch.save({'state_dict': state, 'meta': {}}, 'ckpt.pth')
 cv2.imwrite('img.png', np.random.default_rng(0).integers(
     0, 255, (120, 160, 3), dtype=np.uint8))
+mm_cfg = osp.join(osp.dirname(mmpretrain.__file__), '.mim', 'configs',
+                  'davit', 'davit-tiny_4xb256_in1k.py')
+ref = ImageClassificationInferencer(mm_cfg, pretrained='ckpt.pth',
+                                    device='cpu')
+assert type(ref.model.backbone).__module__.startswith('mmpretrain.')
+inputs = []
+ref.model.backbone.register_forward_pre_hook(
+    lambda m, a: inputs.append(a[0].detach().clone()))
+expected = {'standard': torch.as_tensor(ref('img.png')[0]['pred_scores'])}
+peer = timm.create_model('davit_tiny').eval()
+peer.load_state_dict(mmpretrain_to_timm(state), strict=True)
+with torch.no_grad():
+    expected['official'] = peer(inputs[0]).softmax(-1)[0]
+assert (expected['standard'] - expected['official']).abs().max() > 1e-3
 for name in ('davit-tiny_3rdparty_in1k', 'davit-tiny_3rdparty_in1k-official'):
     r = inference_model(name, 'img.png', pretrained='ckpt.pth', device='cpu')
-    assert r['pred_label'] == 207 and r['pred_class'] == 'golden retriever'
-    assert abs(r['pred_score'] - math.exp(10) / (math.exp(10) + 999)) < 1e-5
+    want = expected['official' if name.endswith('official') else 'standard']
+    diff = (torch.as_tensor(r['pred_scores']) - want).abs().max().item()
+    assert r['pred_label'] == int(want.argmax()), (name, r['pred_label'])
+    assert diff < 1e-5, (name, diff)
+    print(f'{name}: label {r["pred_label"]} as the oracle, '
+          f'max |score diff| {diff:.1e}')
 
 # 5. A packaged tool runs from the installed package.
 tool = osp.join(pkg, '.mim', 'tools', 'model_converters',

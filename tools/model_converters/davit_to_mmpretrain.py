@@ -66,7 +66,7 @@ def load_source(path: str, allow_pickle: bool = False):
 
     Safely by default: ``weights_only=True`` with the allowlist of what
     mmengine's runner writes (davit_ext.checkpoint); downloads are checked
-    against the sha256 prefix in their name. ``allow_pickle`` unpickles
+    against a sha256 where one is known. ``allow_pickle`` unpickles
     anything (trusted files only). A ``.safetensors`` file holds tensors
     only; of a Florence-2 one only the vision tower is read.
 
@@ -74,7 +74,7 @@ def load_source(path: str, allow_pickle: bool = False):
         tuple: The checkpoint and the names of tensors left unread (the
         non-vision-tower tensors of a Florence-2 ``.safetensors`` file).
     """
-    from davit_ext.checkpoint import allowed_globals, download_checkpoint
+    from davit_ext.checkpoint import download_checkpoint, safe_load_context
     from davit_ext.florence2 import read_safetensors
     source = path
     if path.startswith(('http://', 'https://')):
@@ -95,7 +95,7 @@ def load_source(path: str, allow_pickle: bool = False):
     if allow_pickle:
         return torch.load(path, map_location='cpu', weights_only=False), []
     try:
-        with torch.serialization.safe_globals(allowed_globals()):
+        with safe_load_context():  # allowlist, HistoryBuffer guarded
             return torch.load(path, map_location='cpu', weights_only=True), []
     except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines()]
