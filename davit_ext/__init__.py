@@ -29,8 +29,9 @@ if 'flops' not in _disabled():
 # load with weights_only=True and our allowlist (torch >= 2.6 checkpoints).
 if 'checkpoint' not in _disabled():
     _install_safe_checkpoints()
-# The florence2:// weights of the -fl hub models (converted when loaded);
-# registered after the safe loaders, which refuse schemes they do not know.
-_install_florence2()
+    # The florence2:// weights of the -fl hub models (converted when
+    # loaded); registered after the safe loaders, which refuse schemes
+    # they do not know.
+    _install_florence2()
 
 __all__ = ['__version__', 'MODELS', 'models']
