@@ -23,7 +23,9 @@ PROBE = '''
         sdpa='aten::scaled_dot_product_attention' in
         complexity_analysis._DEFAULT_SUPPORTED_FLOP_OPS)))
 '''
-OURS = [f'davit-{a}_3rdparty_in1k-official' for a in ('base', 'small', 'tiny')]
+OURS = [
+    f'davit-{a}_3rdparty_in1k-official' for a in ('base', 'small', 'tiny')
+] + [f'davit-{a}-fl_florence2-pre_3rdparty' for a in ('base', 'huge')]
 MMPRETRAINS = [f'davit-{a}_3rdparty_in1k' for a in ('base', 'small', 'tiny')]
 
 
@@ -52,8 +54,9 @@ def test_each_side_effect_and_its_opt_out(disable):
         'names': {'names'},
         'checkpoint,flops': {'checkpoint', 'flops'}
     }[disable]
-    assert out['loaders'] == (['mmengine.runner.checkpoint'] if 'checkpoint'
-                              in off else ['davit_ext.checkpoint'])
+    assert out['loaders'] == (['mmengine.runner.checkpoint']
+                              if 'checkpoint' in off else
+                              ['davit_ext.checkpoint', 'davit_ext.florence2'])
     assert out['sdpa'] is ('flops' not in off)
     if 'hub' in off:
         assert out['names'] == sorted(MMPRETRAINS)
