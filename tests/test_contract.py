@@ -367,3 +367,15 @@ def test_cpu_amp_optim_wrapper_runs_forward_in_bf16():
                 type='davit_ext.CPUAmpOptimWrapper',
                 dtype='float16',
                 optimizer=torch.optim.SGD(model.parameters(), lr=0.1)))
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_compile_fullgraph_sees_the_module_calls(training):
+    """Dynamo captures the whole forward in one graph (fullgraph) through the
+    module calls, and the captured graph equals eager."""
+    model = small_model().train(training)
+    x = torch.randn(1, 3, 64, 64)
+    compiled = torch.compile(model, fullgraph=True, backend='eager')
+    with torch.no_grad():
+        for a, b in zip(compiled(x), model(x)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -98,6 +98,20 @@ def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, weight.dtype)
 
 
+def _weights(layer: nn.Linear, dt: torch.dtype):
+    """``layer``'s weight and bias in the compute dtype ``dt``, cast once.
+
+    Autocast does not cache its weight casts without autograd, so a chunked
+    path calling ``F.linear`` per chunk would cast the weight per chunk. The
+    values are those autocast's own cast gives (then a no-op in F.linear).
+    """
+    w, b = layer.weight, layer.bias
+    if w.dtype != dt:
+        w = w.to(dt)
+        b = None if b is None else b.to(dt)
+    return w, b
+
+
 def chunk_rows(x: Tensor) -> Optional[int]:
     """Rows (tokens) per chunk for the CPU inference paths, or None.
 
@@ -241,23 +255,23 @@ def norm_ffn_chunked(norm: nn.LayerNorm, ffn: nn.Module,
     fc1, act, fc2 = _ffn_parts(norm, ffn)
     C = x.shape[-1]
     rows = x.reshape(-1, C)
+    dt = _compute_dtype(x, fc2.weight)
+    (w1, b1), (w2, b2) = _weights(fc1, dt), _weights(fc2, dt)
     # addmm with out= only where nothing is cast (plain fp32).
-    direct = (
-        _compute_dtype(x, fc2.weight) == fc2.weight.dtype == x.dtype
-        and fc2.bias is not None)
+    direct = dt == x.dtype and b2 is not None
     out = torch.empty_like(rows)
     for start in range(0, rows.shape[0], step):
         t, o = rows[start:start + step], out[start:start + step]
         h = F.linear(
             F.layer_norm(t, norm.normalized_shape, norm.weight, norm.bias,
-                         norm.eps), fc1.weight, fc1.bias)
+                         norm.eps), w1, b1)
         h = torch.ops.aten.gelu_(h, approximate=act.approximate)
         if direct:
             # The addmm F.linear runs, written into the output, then + x.
-            torch.addmm(fc2.bias, h, fc2.weight.t(), out=o).add_(t)
+            torch.addmm(b2, h, w2.t(), out=o).add_(t)
         else:
             # x + branch in x's dtype, as the module calls' add promotes.
-            torch.add(t, F.linear(h, fc2.weight, fc2.bias), out=o)
+            torch.add(t, F.linear(h, w2, b2), out=o)
     return out.view(x.shape)
 
 
@@ -281,21 +295,20 @@ def window_msa_chunked(w_msa: nn.Module, windows: Tensor,
     B, N, C = windows.shape
     heads = w_msa.num_heads
     dt = _compute_dtype(windows, proj.weight)
+    (w1, b1), (w2, b2) = _weights(qkv_l, dt), _weights(proj, dt)
     out = windows.new_empty((B, N, C), dtype=dt)
     for start in range(0, B, step):
         t, o = windows[start:start + step], out[start:start + step]
         b = t.shape[0]
-        q, k, v = F.linear(t, qkv_l.weight,
-                           qkv_l.bias).view(b, N, 3, heads,
-                                            C // heads).permute(2, 0, 3, 1,
-                                                                4).unbind(0)
+        qkv = F.linear(t, w1, b1).view(b, N, 3, heads, C // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         a = F.scaled_dot_product_attention(q, k, v)
         a = a.transpose(1, 2).reshape(b * N, C)
-        if dt == proj.weight.dtype == t.dtype and proj.bias is not None:
+        if dt == t.dtype and b2 is not None:
             # The addmm F.linear runs, written into the output.
-            torch.addmm(proj.bias, a, proj.weight.t(), out=o.view(-1, C))
+            torch.addmm(b2, a, w2.t(), out=o.view(-1, C))
         else:
-            o.copy_(F.linear(a, proj.weight, proj.bias).view(b, N, C))
+            o.copy_(F.linear(a, w2, b2).view(b, N, C))
     return out
 
 
