@@ -41,6 +41,12 @@ medians and ratios of ours to each peer. Measured:
     (oneDNN scratch, Python objects) is not counted either. Unlike the
     process's max RSS, it does not depend on what ran before in the process.
 
+Every run prints the CPU model and the flags that decide its fp32/bf16
+speed (``avx512_bf16``, ``amx_bf16``, ...) and says plainly when a
+``--dtype bf16`` run is on a CPU without bf16 instructions (autocast is then
+emulated and slow). ``--train-batch`` sets the batch of the training step and
+its memory apart from the inference batch.
+
 ``--profile N`` (CPU) then profiles each eager candidate's inference with
 ``torch.profiler`` and prints the share of self CPU time spent in matrix
 products (``GEMM_OPS``) and its top N ops: what explains the ratios.
