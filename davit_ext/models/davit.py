@@ -10,6 +10,14 @@ linear layers act on the last dim directly, the depthwise convolutions see the
 same memory as a channels-last NCHW tensor (a view, no copy), and only window
 partitioning needs a real copy.
 
+Module contract: each module's ``forward`` below states its math with the
+calls of its layers, and those calls run on every path (hooks, adapters,
+quantized layers and autocast see what they expect). Where
+:func:`fast_paths.plain` proves that nothing could tell the difference (exact
+layer classes, no hooks, no parametrization, not traced or compiled), a CPU
+fast path from :mod:`davit_ext.models.fast_paths` computes the same values
+with fewer passes over memory; each call site names it.
+
 Input sizes: any ``H, W`` runs. Feature maps are ``ceil(H / 4)`` then halved
 with ceil at each stage, as in the original model: an odd map is padded
 right/bottom by the downsample layer, and a map that is not a multiple of the
