@@ -106,7 +106,7 @@ setup(
     extras_require={
         'tests': [
             'pytest', 'timm>=1.0', 'scikit-learn', 'onnx', 'onnxruntime',
-            'pre-commit'
+            'pre-commit', 'peft'
         ],
     },
     classifiers=[
