@@ -109,7 +109,7 @@ setup(
     extras_require={
         'tests': [
             'pytest', 'timm>=1.0', 'scikit-learn', 'onnx', 'onnxruntime',
-            'pre-commit', 'safetensors'
+            'pre-commit', 'safetensors', 'peft'
         ],
         # .safetensors checkpoints (e.g. Florence-2's model.safetensors).
         'safetensors': ['safetensors'],

@@ -13,6 +13,7 @@ from .version import __version__
 
 _register_mmpretrain(init_default_scope=False)
 
+from . import amp  # noqa: E402,F401  (registers CPUAmpOptimWrapper)
 from . import finetune  # noqa: E402,F401  (registers FitLoadFromHook)
 from . import hooks  # noqa: E402,F401  (registers RandomStateHook)
 from . import hub  # noqa: E402,F401  (mmpretrain's model hub serves ours)

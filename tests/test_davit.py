@@ -383,7 +383,7 @@ def test_training_gradients_equal_mmpretrain(size):
 def test_norm_ffn_function_equals_plain_ops():
     """NormFFNFunction gives the plain ops' output and the gradients of all its
     tensor inputs, also where only some need one."""
-    from davit_ext.models.davit import NormFFNFunction
+    from davit_ext.models.fast_paths import NormFFNFunction
     torch.manual_seed(0)
     C = 12
     x = torch.randn(2, 5, 5, C, requires_grad=True)
@@ -420,13 +420,13 @@ def test_norm_ffn_function_equals_plain_ops():
 def test_inference_chunks_equal_one_pass(monkeypatch):
     """The chunked inference path (FFN and window attention written into one
     output) equals the model run in one pass."""
-    import davit_ext.models.davit as davit_module
+    from davit_ext.models import fast_paths
     model = DaViT(arch=SMALL_ARCH).eval()
     x = torch.randn(2, 3, 96, 128)
     with torch.no_grad():
-        monkeypatch.setattr(davit_module, 'chunk_tokens', lambda t: None)
+        monkeypatch.setattr(fast_paths, 'chunk_rows', lambda t: None)
         expected = model(x)
-        monkeypatch.setattr(davit_module, 'chunk_tokens', lambda t: 100)
+        monkeypatch.setattr(fast_paths, 'chunk_rows', lambda t: 100)
         got = model(x)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -503,3 +503,19 @@ def _tool_path(rel):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_amp_trains_on_cpu_in_bf16(tiny):
+    """``--amp`` without a GPU: bf16 autocast (davit_ext.CPUAmpOptimWrapper)
+    instead of mmengine's CUDA-only AmpOptimWrapper."""
+    if torch.cuda.is_available():
+        pytest.skip('checks the CPU path')
+    work = str(tiny.root / 'amp')
+    rc, log, _ = _run(
+        _python_tool('train.py', tiny.config, '--work-dir', work, '--amp',
+                     '--cfg-options', 'train_cfg.max_epochs=1'), tiny.root)
+    assert rc == 0, log[-3000:]
+    assert 'CPUAmpOptimWrapper: forward under torch.autocast("cpu", ' \
+        'bfloat16)' in log, log[-3000:]
+    assert osp.exists(osp.join(work, 'epoch_1.pth'))
+    assert _val_top1(log, 1) >= 0

@@ -60,7 +60,8 @@ def parse_args(argv=None):
     parser.add_argument(
         '--amp',
         action='store_true',
-        help='automatic mixed precision training (needs a GPU)')
+        help='automatic mixed precision training: fp16 AmpOptimWrapper on '
+        'a GPU, bf16 autocast (CPUAmpOptimWrapper) on a CPU')
     parser.add_argument(
         '--no-validate',
         action='store_true',
@@ -118,13 +119,13 @@ def merge_args(cfg, args):
 
     if args.amp:
         import torch
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                '--amp needs a GPU (mmengine\'s AmpOptimWrapper runs on CUDA '
-                'devices only) and none is available: drop --amp to train in '
-                'fp32 on the CPU.')
-        cfg.optim_wrapper.type = 'AmpOptimWrapper'
-        cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+        if torch.cuda.is_available():
+            cfg.optim_wrapper.type = 'AmpOptimWrapper'
+            cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+        else:
+            # mmengine's AmpOptimWrapper is CUDA-only: bf16 autocast on CPU.
+            cfg.optim_wrapper.type = 'davit_ext.CPUAmpOptimWrapper'
+            cfg.optim_wrapper.pop('loss_scale', None)
 
     if args.resume == 'auto':
         cfg.resume = True

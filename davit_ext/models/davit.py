@@ -10,6 +10,14 @@ linear layers act on the last dim directly, the depthwise convolutions see the
 same memory as a channels-last NCHW tensor (a view, no copy), and only window
 partitioning needs a real copy.
 
+Module contract: each module's ``forward`` below states its math with the
+calls of its layers, and those calls run on every path (hooks, adapters,
+quantized layers and autocast see what they expect). Where
+:func:`fast_paths.plain` proves that nothing could tell the difference (exact
+layer classes, no hooks, no parametrization, not traced or compiled), a CPU
+fast path from :mod:`davit_ext.models.fast_paths` computes the same values
+with fewer passes over memory; each call site names it.
+
 Input sizes: any ``H, W`` runs. Feature maps are ``ceil(H / 4)`` then halved
 with ceil at each stage, as in the original model: an odd map is padded
 right/bottom by the downsample layer, and a map that is not a multiple of the
@@ -30,12 +38,8 @@ from mmengine.utils.dl_utils.parrots_wrapper import _BatchNorm
 from mmpretrain.models.backbones.base_backbone import BaseBackbone
 from torch import Tensor
 
-try:
-    from torch.compiler import is_compiling as _is_compiling
-except ImportError:  # torch < 2.3
-    from torch._dynamo import is_compiling as _is_compiling
-
 from davit_ext.registry import MODELS
+from . import fast_paths
 
 
 def drop_path(x: Tensor, prob: float, training: bool) -> Tensor:
@@ -66,126 +70,20 @@ class ConvPosEnc(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: (B, H, W, C) -> (B, H, W, C)."""
-        # x + conv(x) is the conv with 1 added to the centre tap of each
-        # kernel: one pass over the map instead of a conv and an add
-        # (1.5x faster on this op, measured on CPU).
-        c = self.proj.kernel_size[0] // 2
-        weight = self.proj.weight.clone()
-        weight[:, :, c, c] += 1
-        # The NHWC tensor is a channels-last NCHW tensor: no copy either way.
-        out = F.conv2d(
-            x.permute(0, 3, 1, 2),
-            weight,
-            self.proj.bias,
-            padding=self.proj.padding,
-            groups=self.proj.groups)
-        return out.permute(0, 2, 3, 1)
-
-
-def _cpu_autocast() -> bool:
-    try:
-        return torch.is_autocast_enabled('cpu')
-    except TypeError:  # torch < 2.4 takes no device type
-        return torch.is_autocast_cpu_enabled()
-
-
-def chunk_tokens(x: Tensor) -> Optional[int]:
-    """Rows per chunk where per-token ops run a chunk at a time, or None.
-
-    Chunking is a CPU cache optimisation: a chunk small enough for its
-    activations to stay in cache from one op to the next, large enough (at
-    least 8C rows) for the GEMMs to stay efficient. From 384 channels on the
-    maps are small and this is about a single chunk. GPUs, autocast and tracers
-    run in one pass.
-    """
-    if x.device.type != 'cpu' or _cpu_autocast() or torch.jit.is_tracing():
-        return None
-    return max(1024, 8 * x.shape[-1])
-
-
-def linear(x: Tensor, layer: nn.Linear, out: Optional[Tensor]) -> Tensor:
-    """``layer(x)``, written straight into ``out`` when one is given."""
-    if out is None:
-        return layer(x)
-    x, out = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
-    # The addmm that F.linear runs, with an out= argument.
-    if layer.bias is None:
-        return torch.mm(x, layer.weight.t(), out=out)
-    return torch.addmm(layer.bias, x, layer.weight.t(), out=out)
-
-
-def run_in_chunks(fn, x: Tensor, step: Optional[int]) -> Tensor:
-    """``fn(x, None)``, or ``fn`` run on ``step`` rows (dim 0) at a time, each
-    chunk's result written by ``fn(rows, out)`` into its rows of one output
-    shaped like ``x`` (no concatenation copy)."""
-    if step is None or x.shape[0] <= step:
-        return fn(x, None)
-    out = torch.empty_like(x)
-    for start in range(0, x.shape[0], step):
-        fn(x[start:start + step], out[start:start + step])
-    return out
-
-
-class NormFFNFunction(torch.autograd.Function):
-    """``fc2(gelu(fc1(layer_norm(x))))`` keeping only ``x`` and the fc1 output
-    ``h`` for backward; the norm's output and ``gelu(h)`` are recomputed there
-    (one layer norm and one GELU, both elementwise-cheap).
-
-    Plain autograd keeps ``x`` (norm), ``norm(x)`` (fc1), ``h`` (GELU) and
-    ``gelu(h)`` (fc2): 10C values per token. This keeps 5C, which cuts a
-    block's saved activations by about a quarter. Gradients are those of the
-    plain ops.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, norm_weight: Tensor, norm_bias: Tensor,
-                eps: float, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-                b2: Optional[Tensor]) -> Tensor:
-        C = x.shape[-1]
-        y, mean, rstd = torch.native_layer_norm(x, (C, ), norm_weight,
-                                                norm_bias, eps)
-        h = F.linear(y, w1, b1)
-        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, w1, h, w2)
-        ctx.eps = eps
-        ctx.has_bias = (b1 is not None, b2 is not None)
-        return F.linear(F.gelu(h), w2, b2)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, mean, rstd, norm_weight, norm_bias, w1, h, w2 = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        C = x.shape[-1]
-        # Under autocast the linears ran in a lower precision (h's dtype)
-        # than the weights; backward runs outside autocast: cast explicitly.
-        dt = h.dtype
-        grad = grad.to(dt)
-        grad2d = grad.reshape(-1, grad.shape[-1])
-        grads = [None] * 8
-        if need[6]:
-            act = F.gelu(h).reshape(-1, h.shape[-1])
-            grads[6] = (grad2d.t() @ act).to(w2.dtype)
-        if need[7] and ctx.has_bias[1]:
-            grads[7] = grad2d.sum(0).to(w2.dtype)
-        if not any(need[:6]):
-            return tuple(grads)
-        grad_h = torch.ops.aten.gelu_backward(grad @ w2.to(dt), h)
-        grad_h2d = grad_h.reshape(-1, grad_h.shape[-1])
-        if need[4]:
-            y = F.layer_norm(x, (C, ), norm_weight, norm_bias, ctx.eps)
-            grads[4] = (grad_h2d.t() @ y.reshape(-1, C).to(dt)).to(w1.dtype)
-        if need[5] and ctx.has_bias[0]:
-            grads[5] = grad_h2d.sum(0).to(w1.dtype)
-        if any(need[:3]):
-            grad_y = (grad_h @ w1.to(dt)).to(x.dtype)
-            grads[0], grads[1], grads[2] = \
-                torch.ops.aten.native_layer_norm_backward(
-                    grad_y, x, (C, ), mean, rstd, norm_weight, norm_bias,
-                    list(need[:3]))
-        return tuple(grads)
+        out = fast_paths.cpe_folded(self.proj, x)
+        if out is not None:
+            return out
+        # The NHWC map is a channels-last NCHW tensor: no copy either way.
+        return x + self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
 class FFN(nn.Module):
-    """Two-layer MLP with GELU (keys ``layers.0.0`` and ``layers.1``)."""
+    """Two-layer MLP with GELU (keys ``layers.0.0`` and ``layers.1``).
+
+    Args:
+        embed_dims (int): Input and output channels.
+        hidden_dims (int): Hidden channels.
+    """
 
     def __init__(self, embed_dims: int, hidden_dims: int) -> None:
         super().__init__()
@@ -193,40 +91,9 @@ class FFN(nn.Module):
             nn.Sequential(nn.Linear(embed_dims, hidden_dims), nn.GELU()),
             nn.Linear(hidden_dims, embed_dims))
 
-    def forward(self,
-                x: Tensor,
-                norm: nn.LayerNorm,
-                residual: bool = False) -> Tensor:
-        """``self.layers(norm(x))``, the norm's module passed in, plus ``x`` if
-        ``residual``."""
-        (fc1, act), fc2 = self.layers
-        if torch.jit.is_tracing():
-            # Tracers (FLOP counting, ONNX) see the plain ops: they cannot
-            # look inside an autograd.Function and would unroll the chunks.
-            out = fc2(act(fc1(norm(x))))
-            return x + out if residual else out
-        if torch.is_grad_enabled():
-            # Where autograd records, save memory (see NormFFNFunction).
-            out = NormFFNFunction.apply(x, norm.weight, norm.bias, norm.eps,
-                                        fc1.weight, fc1.bias, fc2.weight,
-                                        fc2.bias)
-            return x + out if residual else out
-
-        # Inference: in chunks, so that each chunk's 4C-wide hidden
-        # activations are still in cache when GELU and fc2 read them
-        # (measured 2.2x faster at 96 channels, 1.4x at 192, 1.18x on the
-        # whole model).
-        def rows(t: Tensor, out: Optional[Tensor]) -> Tensor:
-            h = fc1(norm(t))
-            h = torch.ops.aten.gelu_(h, approximate=act.approximate)
-            # The residual is added while the chunk's rows are in cache:
-            # no separate pass over the map (same sums, same order).
-            out = linear(h, fc2, out)
-            return out.add_(t) if residual else out
-
-        C = x.shape[-1]
-        return run_in_chunks(rows, x.reshape(-1, C),
-                             chunk_tokens(x)).view(x.shape)
+    def forward(self, x: Tensor) -> Tensor:
+        """``fc2(gelu(fc1(x)))`` over the last dim."""
+        return self.layers(x)
 
 
 class WindowMSA(nn.Module):
@@ -247,16 +114,15 @@ class WindowMSA(nn.Module):
         self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=qkv_bias)
         self.proj = nn.Linear(embed_dims, embed_dims)
 
-    def forward(self, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
-        """``x``: (num_windows * B, N, C) -> same shape, written into
-        ``out`` if given."""
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: (num_windows * B, N, C) -> same shape."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads,
                                    C // self.num_heads).permute(2, 0, 3, 1,
                                                                 4).unbind(0)
         # softmax(q k^T / sqrt(head_dim)) v, the default scale of SDPA.
         x = F.scaled_dot_product_attention(q, k, v)
-        return linear(x.transpose(1, 2).reshape(B, N, C), self.proj, out)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
 class WindowAttention(nn.Module):
@@ -285,9 +151,7 @@ class WindowAttention(nn.Module):
         self.w_msa = WindowMSA(embed_dims, num_heads, qkv_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x``: (B, H, W, C) -> (B, H, W, C), or, where no padding was
-        needed, (B, H / wh, wh, W / ww, ww, C): a view of the output map
-        as the windows hold it (see :meth:`AttentionBlock.add_branch`)."""
+        """``x``: (B, H, W, C) -> (B, H, W, C)."""
         B, H, W, C = x.shape
         wh = ww = self.window_size
         if not self.pad_small_map:
@@ -300,28 +164,20 @@ class WindowAttention(nn.Module):
         nh, nw = (H + pad_b) // wh, (W + pad_r) // ww
         windows = x.view(B, nh, wh, nw, ww, C).transpose(2, 3)
         windows = windows.reshape(B * nh * nw, wh * ww, C)
-        step = chunk_tokens(x)
-        # Compiled graphs attend in one pass: inductor fuses the partition
-        # with its neighbours (measured faster than in chunks there).
-        if (torch.is_grad_enabled() or step is None or _is_compiling()):
+        out = fast_paths.window_msa_chunked(self.w_msa, windows, wh * ww)
+        if out is None:
             out = self.w_msa(windows)
-        else:
-            # Inference: groups of windows, so that qkv, the attention and
-            # its output stay in cache between the ops (see FFN.forward;
-            # measured 1.03x on the whole model).
-            out = run_in_chunks(self.w_msa, windows, max(1, step // (wh * ww)))
-        # (B, nh, wh, nw, ww, C): the map, still stored window by window.
         out = out.view(B, nh, nw, wh, ww, C).transpose(2, 3)
+        out = out.reshape(B, nh * wh, nw * ww, C)
         if pad_b or pad_r:
-            return out.reshape(B, nh * wh, nw * ww, C)[:, :H, :W]
-        # Left as a view: the residual add merges the windows (no copy).
+            out = out[:, :H, :W]
         return out
 
 
 class ChannelAttention(nn.Module):
     """Channel group attention: each head attends over its channels.
 
-    Per head, ``softmax(scale * k^T v)`` (head_dim x head_dim) mixes the
+    Per head, ``softmax((scale * k)^T v)`` (head_dim x head_dim) mixes the
     channels of ``q``; ``scale = head_dim ** -0.5``.
 
     ``v2=True`` is Florence-2's variant (timm's ``ChannelAttentionV2``):
@@ -349,44 +205,31 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: (B, H, W, C) -> same shape."""
+        out = fast_paths.channel_attn_t(self, x)
+        if out is not None:
+            return out
         B, H, W, C = x.shape
         N, heads = H * W, self.num_heads
-        d = C // heads
-        # Computed transposed, (B, 3C, N), with the qkv weight's rows taken
-        # in (head, q/k/v, channel) order: then every head's q, k and v are
-        # plain (d, N) matrices one batch stride apart, and the three bmm
-        # below read them in place. Token-major q/k/v would be copied by
-        # each matmul (measured 1.3-1.5x faster on this module).
-        weight = self.qkv.weight.view(3, heads, d, C).transpose(0, 1)
-        qkv = torch.bmm(
-            weight.reshape(1, 3 * C, C).expand(B, -1, -1),
-            x.view(B, N, C).transpose(1, 2))
-        if self.qkv.bias is not None:
-            qkv = qkv.add_(
-                self.qkv.bias.view(3, heads, d,
-                                   1).transpose(0, 1).reshape(3 * C, 1))
-        q, k, v = qkv.view(B * heads, 3, d, N).unbind(1)
+        qkv = self.qkv(x.reshape(B, N, C)).view(B, N, 3, heads, C // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, d)
         if self.v2:
             # The scale follows the token count: the (d x d) logits are sums
             # over N tokens.
-            attn = (torch.bmm(q, k.transpose(1, 2)) * N**-0.5).softmax(dim=-1)
-            out = torch.bmm(attn, v).view(B, C, N)  # channels of v mixed
+            attn = ((q * N**-0.5).transpose(-1, -2) @ k).softmax(dim=-1)
+            x = attn @ v.transpose(-1, -2)  # v's channels mixed
         else:
-            attn = (torch.bmm(k, v.transpose(1, 2)) *
-                    self.scale).softmax(dim=-1)
-            out = torch.bmm(attn, q).view(B, C, N)  # channels of q mixed
-        # proj as out^T @ W^T: a transposed operand, no copy.
-        out = torch.bmm(
-            out.transpose(1, 2),
-            self.proj.weight.t().expand(B, -1, -1)).add_(self.proj.bias)
-        return out.view(B, H, W, C)
+            attn = ((k * self.scale).transpose(-1, -2) @ v).softmax(dim=-1)
+            x = attn @ q.transpose(-1, -2)  # q's channels mixed
+        # x: (B, heads, d, N)
+        x = x.permute(0, 3, 1, 2).reshape(B, N, C)
+        return self.proj(x).view(B, H, W, C)
 
 
 class AttentionBlock(nn.Module):
     """One half of a DaViT block around the attention ``attn``::
 
-        x = cpe1(x); x = x + attn(norm1(x))
-        x = cpe2(x); x = x + ffn(norm2(x))
+        x = cpe1(x); x = x + drop_path(attn(norm1(x)))
+        x = cpe2(x); x = x + drop_path(ffn(norm2(x)))
 
     Args:
         attn (nn.Module): Spatial (window) or channel attention.
@@ -408,22 +251,19 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.cpe1(x)
-        x = self.add_branch(x, self.attn(self.norm1(x)))
+        x = x + drop_path(
+            self.attn(self.norm1(x)), self.drop_path, self.training)
         x = self.cpe2(x)
-        if self.training and self.drop_path > 0:
-            return self.add_branch(x, self.ffn(x, self.norm2))
-        return self.ffn(x, self.norm2, residual=True)
-
-    def add_branch(self, x: Tensor, branch: Tensor) -> Tensor:
-        """``x + drop_path(branch)`` as a new contiguous (B, H, W, C) map.
-
-        ``branch`` is (B, H, W, C), or the same map split into windows, (B, nh,
-        wh, nw, ww, C), as the window attention returns it: the add then merges
-        the windows on the way.
-        """
-        out = x.view(branch.shape) + drop_path(branch, self.drop_path,
-                                               self.training)
-        return out.view(x.shape)
+        if not self.training or self.drop_path == 0:
+            # Inference on CPU: x + ffn(norm2(x)) in cache-sized chunks.
+            out = fast_paths.norm_ffn_chunked(self.norm2, self.ffn, x)
+            if out is not None:
+                return out
+        # Training: the same, keeping fewer activations for backward.
+        branch = fast_paths.norm_ffn_saving(self.norm2, self.ffn, x)
+        if branch is None:
+            branch = self.ffn(self.norm2(x))
+        return x + drop_path(branch, self.drop_path, self.training)
 
 
 class DaViTBlock(nn.Module):

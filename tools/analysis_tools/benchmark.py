@@ -41,6 +41,12 @@ medians and ratios of ours to each peer. Measured:
     (oneDNN scratch, Python objects) is not counted either. Unlike the
     process's max RSS, it does not depend on what ran before in the process.
 
+Every run prints the CPU model and the flags that decide its fp32/bf16
+speed (``avx512_bf16``, ``amx_bf16``, ...) and says plainly when a
+``--dtype bf16`` run is on a CPU without bf16 instructions (autocast is then
+emulated and slow). ``--train-batch`` sets the batch of the training step and
+its memory apart from the inference batch.
+
 ``--profile N`` (CPU) then profiles each eager candidate's inference with
 ``torch.profiler`` and prints the share of self CPU time spent in matrix
 products (``GEMM_OPS``) and its top N ops: what explains the ratios.
@@ -92,6 +98,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help='t/s/b (tiny/small/base) or a JSON dict with embed_dims, '
         'depths, num_heads')
     p.add_argument('--batch', type=int, default=8)
+    p.add_argument(
+        '--train-batch',
+        type=int,
+        default=None,
+        help='batch of the training step and its memory (default: --batch)')
     p.add_argument(
         '--img-size',
         type=int,
@@ -300,18 +311,35 @@ def autocast(args, device: torch.device):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def machine_info(args) -> Dict:
-    cpu = platform.processor() or platform.machine()
+# CPU flags that decide fp32/bf16 speed, printed with every run.
+CPU_FLAGS = ('avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16',
+             'amx_tile', 'amx_bf16')
+BF16_FLAGS = ('avx512_bf16', 'amx_bf16')
+
+
+def cpu_model_and_flags() -> (str, List[str]):
+    """CPU model name and which of ``CPU_FLAGS`` /proc/cpuinfo lists."""
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         with open('/proc/cpuinfo') as f:
             for line in f:
-                if line.startswith('model name'):
-                    cpu = line.split(':', 1)[1].strip()
+                key, _, value = line.partition(':')
+                if key.strip() == 'model name' and not flags:
+                    cpu = value.strip()
+                elif key.strip() == 'flags':
+                    flags = set(value.split())
                     break
     except OSError:
         pass
+    return cpu, [f for f in CPU_FLAGS if f in flags]
+
+
+def machine_info(args) -> Dict:
+    cpu, flags = cpu_model_and_flags()
     info = dict(
         cpu=cpu,
+        cpu_flags=flags,
+        cpu_bf16=any(f in flags for f in BF16_FLAGS),
         cpu_count=os.cpu_count(),
         threads=torch.get_num_threads(),
         torch=torch.__version__,
@@ -360,8 +388,8 @@ class Runner:
         return loss.detach()
 
 
-def compile_candidate(runner: Runner, x: torch.Tensor, y: torch.Tensor,
-                      args) -> None:
+def compile_candidate(runner: Runner, x: torch.Tensor, xt: torch.Tensor,
+                      y: torch.Tensor, args) -> None:
     """Compile ``runner``'s model; record the time of the first calls."""
     import torch._inductor.config as inductor_config
     kwargs = dict(fullgraph=True, mode=args.compile_mode)
@@ -380,7 +408,7 @@ def compile_candidate(runner: Runner, x: torch.Tensor, y: torch.Tensor,
         runner.train_fn = torch.compile(runner.model, **kwargs)
         state = {k: v.clone() for k, v in runner.model.state_dict().items()}
         t0 = time.perf_counter()
-        runner.train_step(x, y)
+        runner.train_step(xt, y)
         sync(runner.device)
         runner.compile_s['train'] = time.perf_counter() - t0
         runner.model.load_state_dict(state)  # undo the compile step's update
@@ -569,14 +597,19 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     x = torch.randn(
         args.batch, 3, *size, generator=g).to(
             device=device, memory_format=fmt)
-    y = torch.randint(args.num_classes, (args.batch, ), generator=g).to(device)
+    train_batch = args.train_batch or args.batch
+    xt = x if train_batch == args.batch else torch.randn(
+        train_batch, 3, *size, generator=g).to(
+            device=device, memory_format=fmt)
+    y = torch.randint(
+        args.num_classes, (train_batch, ), generator=g).to(device)
 
     if 'ours+compile' in models:
         # A deep copy so that training ours (eager) leaves it untouched.
         import copy
         runner = Runner('ours+compile', copy.deepcopy(models['ours']), args,
                         device)
-        compile_candidate(runner, x, y, args)
+        compile_candidate(runner, x, xt, y, args)
         runners['ours+compile'] = runner
 
     checks = []
@@ -607,18 +640,21 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         if n != 'ours+compile' or args.compile_train
     ]
     if 'train' not in args.skip:
-        fns = {n: (lambda r=runners[n]: r.train_step(x, y)) for n in trainable}
+        fns = {
+            n: (lambda r=runners[n]: r.train_step(xt, y))
+            for n in trainable
+        }
         times = time_interleaved(fns, args.train_iters or args.iters,
                                  args.warmup, device)
         for n, t in times.items():
             results[n]['train_s'] = t
-            results[n]['train_img_s'] = args.batch / statistics.median(t)
+            results[n]['train_img_s'] = train_batch / statistics.median(t)
     if 'memory' not in args.skip:
         for n in trainable:
             r = runners[n]
-            r.train_step(x, y)  # AdamW state exists before the measurement
+            r.train_step(xt, y)  # AdamW state exists before the measurement
             results[n]['train_peak_mb'] = peak_memory(
-                lambda: r.train_step(x, y), device) / 2**20
+                lambda: r.train_step(xt, y), device) / 2**20
         for n, r in runners.items():
             if n != 'ours-cp':
                 results[n]['infer_peak_mb'] = peak_memory(
@@ -646,7 +682,17 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         img_size=list(size),
         arch_settings=arch_settings(args.arch))
     hardware = meta['cpu'] if device.type == 'cpu' else meta.get('gpu')
+    if device.type == 'cpu':
+        print(f"CPU: {meta['cpu']}; flags: {' '.join(meta['cpu_flags'])}; "
+              'bf16 instructions: ' + ('yes' if meta['cpu_bf16'] else 'NO'))
+        if args.dtype == 'bf16' and not meta['cpu_bf16']:
+            notes.append(
+                'this CPU has no bf16 instructions (no avx512_bf16 or '
+                'amx_bf16 in /proc/cpuinfo): bf16 autocast runs emulated, '
+                'slower than fp32; these bf16 figures say nothing about a '
+                'CPU that has them')
     print(f'\nDaViT {args.arch} {size[0]}x{size[1]} batch {args.batch} '
+          f'(train {train_batch}) '
           f"{args.dtype}{' channels_last' if args.channels_last else ''} "
           f'on {device}: {hardware}, '
           f"{meta['threads']} threads, torch {meta['torch']}, "

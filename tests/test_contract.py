@@ -1,0 +1,388 @@
+"""The module contract of our DaViT: hooks, adapters, int8, autocast.
+
+Every ``nn.Linear`` / ``nn.LayerNorm`` / ``nn.Conv2d`` is used through its
+module call, or a fast path (``davit_ext.models.fast_paths``) runs that
+computes the same values; the tests here check both halves: what users see
+through the module calls, and that each fast path equals the module calls.
+"""
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn as nn
+from test_davit import build_pair
+from torch.nn.utils import parametrize
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from davit_ext.models import DaViT, fast_paths
+
+SMALL = dict(embed_dims=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8])
+ARCH32 = dict(embed_dims=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8])
+LAYERS = (nn.Linear, nn.LayerNorm, nn.Conv2d)
+
+
+def small_model(**kwargs):
+    torch.manual_seed(0)
+    model = DaViT(
+        arch=SMALL, drop_path_rate=0., out_indices=(0, 1, 2, 3), **kwargs)
+    with torch.no_grad():  # non-trivial norms and biases
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def module_calls_only(monkeypatch):
+    """Make every fast path decline: the plain module calls run."""
+    monkeypatch.setattr(fast_paths, 'plain', lambda *modules: False)
+
+
+# ---------------------------------------------------------------- hooks
+@pytest.mark.parametrize('training', [True, False])
+@pytest.mark.parametrize('kind', ['module', 'global'])
+def test_forward_hooks_fire_once_per_layer(training, kind):
+    """224x224: stage 0 has 2x3136 tokens, several chunks of the inference
+    fast paths; a hook must still fire once and see the whole tensor."""
+    model = small_model().train(training)
+    x = torch.randn(2, 3, 224, 224)
+    grad = torch.enable_grad() if training else torch.no_grad()
+    with grad:
+        expected = model(x)  # fast paths
+    calls, numel = Counter(), {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(m, args, out):
+        if m in names:
+            calls[names[m]] += 1
+            if isinstance(m, LAYERS):
+                numel[names[m]] = out.numel()
+
+    if kind == 'module':
+        handles = [
+            m.register_forward_hook(hook) for m in model.modules()
+            if isinstance(m, LAYERS)
+        ]
+    else:
+        handles = [nn.modules.module.register_module_forward_hook(hook)]
+    try:
+        with grad:
+            got = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    layers = [n for n, m in model.named_modules() if isinstance(m, LAYERS)]
+    assert len(layers) == 5 * 2 * 8 + 2 + 3 * 2 + 4  # blocks, stem, ds, outs
+    if kind == 'module':
+        assert calls == Counter({n: 1 for n in layers})
+    else:  # every module of ours too (FFN, WindowMSA, GELU, ...)
+        assert calls == Counter({
+            n: 1
+            for m, n in names.items() if not isinstance(m, nn.ModuleList)
+        })
+    # Whole tensors: (B * H * W) tokens of the stage times the features.
+    tokens = [2 * 56 * 56, 2 * 28 * 28, 2 * 14 * 14, 2 * 7 * 7]
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear) and n.startswith('stages.'):
+            assert numel[n] == tokens[int(n.split('.')[1])] * \
+                m.out_features, n
+    for a, b in zip(got, expected):  # module calls == fast paths
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_plain_refuses_what_it_cannot_see_through():
+    lin = nn.Linear(4, 4)
+    assert fast_paths.plain(lin)
+
+    class MyLinear(nn.Linear):
+        pass
+
+    assert not fast_paths.plain(MyLinear(4, 4))
+    for register in (lin.register_forward_hook, lin.register_forward_pre_hook,
+                     lin.register_full_backward_hook):
+        handle = register(lambda *args: None)
+        assert not fast_paths.plain(lin)
+        handle.remove()
+        assert fast_paths.plain(lin)
+    handle = nn.modules.module.register_module_forward_pre_hook(
+        lambda *args: None)
+    assert not fast_paths.plain(lin)
+    handle.remove()
+
+    class Scale(nn.Module):
+
+        def forward(self, w):
+            return 2 * w
+
+    parametrize.register_parametrization(lin, 'weight', Scale())
+    assert not fast_paths.plain(lin)
+    # A submodule counts: a swapped layer inside an FFN.
+    ffn = nn.Sequential(
+        nn.Sequential(nn.Linear(4, 8), nn.GELU()), MyLinear(8, 4))
+    assert not fast_paths.plain(ffn)
+
+
+# ------------------------------------------------- fast paths == modules
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16])
+def test_fast_paths_equal_module_calls(dtype, monkeypatch):
+    """The gate of every fast path: outputs (inference and training) and all
+    gradients equal the plain module calls, in fp32 and under bf16 autocast."""
+    model = small_model()
+    x = torch.randn(2, 3, 224, 224)
+    # bf16: one rounding step of a value up to ~4 is 1/64.
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype is None else \
+        dict(rtol=5e-2, atol=5e-2)
+    results = []
+    for fast in (True, False):
+        if not fast:
+            module_calls_only(monkeypatch)
+        with torch.autocast(
+                'cpu', dtype=dtype or torch.bfloat16, enabled=dtype
+                is not None):
+            model.eval()
+            with torch.no_grad():
+                infer = model(x)
+            model.train()
+            outs = model(x)
+        loss = sum((o.float() *
+                    torch.linspace(-1, 1, o.shape[1]).view(1, -1, 1, 1)).sum()
+                   for o in outs)
+        model.zero_grad()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results.append((infer, outs, grads))
+    (infer_f, outs_f, grads_f), (infer_m, outs_m, grads_m) = results
+    for a, b in zip(infer_f + outs_f, infer_m + outs_m):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+        assert (a.float() - b.float()).abs().mean() <= tol['atol'] / 20
+    for n, g in grads_m.items():
+        scale = g.abs().max().item()
+        err = (grads_f[n] - g).abs().max().item()
+        # fp32 sums in another order: relative to the gradient's scale.
+        assert err <= max(tol['rtol'], 1e-4) * scale + 1e-6, (n, err, scale)
+
+
+def test_cpe_fold_equals_module_call():
+    from davit_ext.models.davit import ConvPosEnc
+    torch.manual_seed(0)
+    cpe = ConvPosEnc(8)
+    x = torch.randn(2, 5, 6, 8, requires_grad=True)
+    folded = fast_paths.cpe_folded(cpe.proj, x)
+    plain = x + cpe.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    torch.testing.assert_close(folded, plain, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(plain)
+    a = torch.autograd.grad(folded, [x, cpe.proj.weight, cpe.proj.bias], g)
+    b = torch.autograd.grad(plain, [x, cpe.proj.weight, cpe.proj.bias], g)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+    # Not under autocast: 1 + w would be rounded, x turned half.
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert fast_paths.cpe_folded(cpe.proj, x) is None
+        assert cpe(x).dtype == torch.float32
+
+
+def test_double_backward_raises_not_silently_wrong():
+    """The training FFN's backward is once_differentiable: asking for a second
+    derivative raises instead of returning a wrong one."""
+    model = small_model().train()
+    ffn_in = torch.randn(2, 3, 3, 16, requires_grad=True)
+    block = model.stages[0].blocks[0].spatial_block
+    out = fast_paths.norm_ffn_saving(block.norm2, block.ffn, ffn_in)
+    assert out is not None
+    (g, ) = torch.autograd.grad(out.square().sum(), ffn_in, create_graph=True)
+    with pytest.raises(RuntimeError, match='once_differentiable'):
+        g.sum().backward()
+    # The whole model: raises too (also SDPA has no double backward on CPU).
+    x = torch.randn(1, 3, 64, 64, requires_grad=True)
+    (gx, ) = torch.autograd.grad(
+        model(x)[-1].square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
+
+
+# ------------------------------------------------------------- adapters
+def test_peft_lora_trains_every_adapter_and_train_equals_eval():
+    peft = pytest.importorskip('peft')
+    model = small_model()
+    n_linear = sum(
+        isinstance(m, nn.Linear) and n.startswith('stages.')
+        for n, m in model.named_modules())
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.,
+        target_modules=r'.*\.(qkv|attn\.proj|w_msa\.proj|layers\.0\.0|'
+        r'layers\.1)')
+    lora = peft.get_peft_model(model, config)
+    adapters = {n: p for n, p in lora.named_parameters() if 'lora_' in n}
+    assert len(adapters) == 2 * n_linear == 80
+    with torch.no_grad():  # B starts at zero: make every adapter matter
+        for n, p in adapters.items():
+            if 'lora_B' in n:
+                p.normal_(std=0.05)
+    x = torch.randn(2, 3, 224, 224)
+    lora.train()
+    out_train = lora(x)
+    sum(o.square().mean() for o in out_train).backward()
+    trained = [
+        n for n, p in adapters.items()
+        if p.grad is not None and p.grad.abs().sum() > 0
+    ]
+    assert len(trained) == len(adapters)
+    lora.eval()
+    with torch.no_grad():
+        out_eval = lora(x)
+    for a, b in zip(out_train, out_eval):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------- int8
+def test_quantize_dynamic_error_within_mmpretrain():
+    ref, ours = build_pair(ARCH32, 256, drop_path_rate=0., pad_small_map=True)
+    x = torch.randn(4, 3, 224, 224)
+    errors = []
+    for model in (ref, ours):
+        q = torch.ao.quantization.quantize_dynamic(
+            model, {nn.Linear}, dtype=torch.qint8)
+        assert not any(type(m) is nn.Linear for m in q.modules())
+        with torch.no_grad():
+            err = (q(x, mode='tensor') - model(x, mode='tensor')).abs()
+        errors.append((err.mean().item(), err.max().item()))
+    (ref_mean, ref_max), (mean, max_) = errors
+    assert 0 < mean <= 1.05 * ref_mean, errors
+    assert max_ <= 1.2 * ref_max, errors
+
+
+# -------------------------------------------------------------- autocast
+def test_bf16_autocast_logits_and_dtypes_like_mmpretrain():
+    """Error against each model's own fp32 forward, same weights and input; and
+    the same dtype of every stage output (the residual stream)."""
+    ref, ours = build_pair(ARCH32, 256, out_indices=(0, 1, 2, 3))
+    x = torch.randn(4, 3, 224, 224)
+    errors, dtypes = [], []
+    for model in (ref, ours):
+        with torch.no_grad():
+            fp32 = model(x, mode='tensor')
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                bf16 = model(x, mode='tensor')
+                feats = model.backbone(x)
+        err = (bf16.float() - fp32).abs()
+        errors.append((err.mean().item(), err.max().item()))
+        dtypes.append([f.dtype for f in feats])
+    (ref_mean, ref_max), (mean, max_) = errors
+    assert 0 < mean <= 1.05 * ref_mean, errors
+    assert max_ <= 1.2 * ref_max, errors
+    assert dtypes[0] == dtypes[1], dtypes
+
+
+def test_bf16_autocast_gradients_like_mmpretrain():
+    """Gradients under bf16 autocast: as close to each model's own fp32
+    gradients as mmpretrain's are (median and worst parameter), and close to
+    mmpretrain's bf16 gradients (bf16 tolerance)."""
+    ref, ours = build_pair(ARCH32, 256, drop_path_rate=0.)
+    x = torch.randn(2, 3, 224, 224)
+    target = torch.randn(2, 1000)
+    grads = {}
+    for name, model in (('ref', ref), ('ours', ours)):
+        model.train()
+        for amp in (False, True):
+            model.zero_grad()
+            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+                logits = model(x, mode='tensor')
+            (logits.float() * target).sum().backward()
+            grads[name, amp] = {
+                n: p.grad.clone()
+                for n, p in model.named_parameters()
+            }
+    rel = {'ref': [], 'ours': []}
+    for n, g32 in grads['ref', False].items():
+        scale = g32.abs().max().item()
+        assert grads['ours', True][n].dtype == torch.float32
+        for name in rel:
+            err = (grads[name, True][n] - grads[name, False][n]).abs().max()
+            rel[name].append(err.item() / scale)
+        cross = (grads['ours', True][n] - grads['ref', True][n]).abs().max()
+        assert cross.item() <= 0.25 * scale, n
+    assert torch.tensor(rel['ours']).median() <= \
+        1.1 * torch.tensor(rel['ref']).median(), rel
+    assert max(rel['ours']) <= 1.2 * max(rel['ref']), rel
+
+
+class MaxNumel(TorchDispatchMode):
+    """Largest tensor any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.max = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.max = max(self.max, t.numel())
+        return out
+
+
+@pytest.mark.parametrize('grad', [True, False])
+def test_channel_attention_makes_no_per_sample_weight_copies(grad):
+    from davit_ext.models.davit import ChannelAttention
+    B, C = 16, 32
+    attn = ChannelAttention(C, 4)
+    x = torch.randn(B, 2, 2, C, requires_grad=grad)
+    with MaxNumel() as mode, torch.set_grad_enabled(grad):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = attn(x)
+        if grad:
+            out.float().sum().backward()
+    # Weights and activations are all far below B copies of the weight.
+    assert mode.max < B * 3 * C * C // 4, mode.max
+
+
+# -------------------------------------------------------------- CPU amp
+def test_cpu_amp_optim_wrapper_runs_forward_in_bf16():
+    from mmengine.registry import DefaultScope
+
+    from davit_ext.registry import MODELS, OPTIM_WRAPPERS
+    with DefaultScope.overwrite_default_scope('davit_ext'):
+        model = MODELS.build(
+            dict(
+                type='ImageClassifier',
+                backbone=dict(type='DaViT', arch=SMALL),
+                neck=dict(type='GlobalAveragePooling'),
+                head=dict(
+                    type='LinearClsHead', num_classes=3, in_channels=128)))
+        wrapper = OPTIM_WRAPPERS.build(
+            dict(
+                type='CPUAmpOptimWrapper',
+                optimizer=torch.optim.SGD(model.parameters(), lr=0.1)))
+    seen = []
+    model.head.fc.register_forward_hook(
+        lambda m, a, out: seen.append(out.dtype))
+    from mmpretrain.structures import DataSample
+    data = dict(
+        inputs=[torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)] * 2,
+        data_samples=[DataSample().set_gt_label(i) for i in (0, 2)])
+    before = model.head.fc.weight.detach().clone()
+    log = model.train_step(data, wrapper)
+    assert seen == [torch.bfloat16]
+    assert torch.isfinite(log['loss'])
+    assert model.head.fc.weight.dtype == torch.float32
+    assert not torch.equal(model.head.fc.weight, before)
+    with pytest.raises(ValueError, match='dtype must be bfloat16'):
+        OPTIM_WRAPPERS.build(
+            dict(
+                type='davit_ext.CPUAmpOptimWrapper',
+                dtype='float16',
+                optimizer=torch.optim.SGD(model.parameters(), lr=0.1)))
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_compile_fullgraph_sees_the_module_calls(training):
+    """Dynamo captures the whole forward in one graph (fullgraph) through the
+    module calls, and the captured graph equals eager."""
+    model = small_model().train(training)
+    x = torch.randn(1, 3, 64, 64)
+    compiled = torch.compile(model, fullgraph=True, backend='eager')
+    with torch.no_grad():
+        for a, b in zip(compiled(x), model(x)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
