@@ -226,3 +226,33 @@ def test_missing_config_fails_clearly(tmp_path, capsys):
     ])
     assert rc == 1
     assert 'No config file at' in capsys.readouterr().err
+
+
+def test_benchmark_onnxruntime_row(capsys):
+    """The benchmark's ``--onnx`` candidate: same weights, checked, timed."""
+    spec = importlib.util.spec_from_file_location(
+        'benchmark_tool',
+        osp.join(REPO, 'tools', 'analysis_tools', 'benchmark.py'))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        out = bench.main([
+            '--arch', '{"embed_dims": 16, "depths": [1, 1, 1, 1], '
+            '"num_heads": [1, 1, 2, 2]}', '--batch', '2', '--img-size', '45',
+            '61', '--threads', '1', '--iters', '2', '--warmup', '0', '--skip',
+            'train', 'memory', '--peers', '--no-official', '--num-classes',
+            '10', '--onnx'
+        ])
+    finally:
+        torch.set_num_threads(threads)
+    (check, ) = out['checks']
+    assert check['pair'] == 'ours+onnxruntime vs ours' and check['ok']
+    assert check['max_abs_diff'] <= 1e-4 * max(1., check['logit_scale'])
+    res = out['results']['ours+onnxruntime']
+    assert len(res['infer_s']) == 2 and res['infer_img_s'] > 0
+    assert res['compile_s']['onnx export'] > 0
+    assert 'train_img_s' not in res and 'infer_peak_mb' not in res
+    printed = capsys.readouterr().out
+    ratio = res['infer_img_s'] / out['results']['ours']['infer_img_s']
+    assert f'ours+onnxruntime: inference {ratio:.2f}x ours' in printed

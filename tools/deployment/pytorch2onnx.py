@@ -327,7 +327,7 @@ def main(argv=None) -> int:
                 f'error: ONNX export failed ({type(e).__name__}: {first})',
                 file=sys.stderr)
             return 1
-        dims = 'N, 3, H, W (all dynamic)' if args.dynamic_export else \
+        dims = 'N, 3, H, W; all dynamic' if args.dynamic_export else \
             f'1, 3, {args.shape[0]}, {args.shape[1]}'
         print(f'Exported with {EXPORTER}, opset {args.opset}: input '
               f'({dims}) -> logits')
@@ -341,6 +341,10 @@ def main(argv=None) -> int:
                     f'error: {e} {args.output_file} not written.',
                     file=sys.stderr)
                 return 1
+        # mkstemp makes the file private: give it the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, args.output_file)
         print(f'Saved {args.output_file}')
         return 0
