@@ -106,8 +106,10 @@ setup(
     extras_require={
         'tests': [
             'pytest', 'timm>=1.0', 'scikit-learn', 'onnx', 'onnxruntime',
-            'pre-commit'
+            'onnxscript', 'pre-commit'
         ],
+        # tools/deployment/pytorch2onnx.py (onnxruntime: --verify)
+        'deploy': ['onnx', 'onnxscript', 'onnxruntime'],
     },
     classifiers=[
         'Programming Language :: Python :: 3',

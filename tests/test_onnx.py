@@ -16,6 +16,7 @@ import davit_ext  # noqa: F401
 
 ort = pytest.importorskip('onnxruntime')
 onnx = pytest.importorskip('onnx')
+pytest.importorskip('onnxscript')  # torch's exporter needs it
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOL = osp.join(REPO, 'tools', 'deployment', 'pytorch2onnx.py')
@@ -256,3 +257,19 @@ def test_benchmark_onnxruntime_row(capsys):
     printed = capsys.readouterr().out
     ratio = res['infer_img_s'] / out['results']['ours']['infer_img_s']
     assert f'ours+onnxruntime: inference {ratio:.2f}x ours' in printed
+
+
+def test_missing_exporter_package_fails_clearly(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, 'find_spec', lambda name, *a:
+        (None if name == 'onnxscript' else find_spec(name, *a)))
+    rc = tool.main([
+        str(tmp_path / 'nope.py'), 'x.pth', '--output-file',
+        str(tmp_path / 'x.onnx')
+    ])
+    assert rc == 1
+    assert capsys.readouterr().err.strip() == (
+        'error: the ONNX export needs onnxscript: pip install onnxscript '
+        '(or pip install "davit_ext[deploy]").')

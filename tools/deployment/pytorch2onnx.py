@@ -298,8 +298,23 @@ def verify(model: torch.nn.Module,
     return worst
 
 
+def missing_packages(verify: bool) -> List[str]:
+    """Packages the export (and ``--verify``) needs that are not installed."""
+    import importlib.util
+    names = ['onnx', 'onnxscript'] + (['onnxruntime'] if verify else [])
+    return [n for n in names if importlib.util.find_spec(n) is None]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    missing = missing_packages(args.verify)
+    if missing:
+        print(
+            f'error: the ONNX export needs {", ".join(missing)}: '
+            f'pip install {" ".join(missing)} (or pip install '
+            '"davit_ext[deploy]").',
+            file=sys.stderr)
+        return 1
     import davit_ext  # noqa: F401  (our modules and model names)
     from davit_ext.checkpoint import CheckpointError
     out_dir = osp.dirname(osp.abspath(args.output_file))
