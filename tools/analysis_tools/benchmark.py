@@ -427,6 +427,11 @@ class OnnxRunner:
             options = ort.SessionOptions()
             options.intra_op_num_threads = torch.get_num_threads()
             options.inter_op_num_threads = 1
+            # No busy-waiting after a run: spinning threads take the cores
+            # from the candidate timed next (with 2 threads ours, timed
+            # right after onnxruntime, still runs slow: see the README).
+            options.add_session_config_entry('session.intra_op.allow_spinning',
+                                             '0')
             self.session = ort.InferenceSession(
                 onnx_file, options, providers=['CPUExecutionProvider'])
 
