@@ -109,10 +109,12 @@ setup(
     extras_require={
         'tests': [
             'pytest', 'timm>=1.0', 'scikit-learn', 'onnx', 'onnxruntime',
-            'pre-commit', 'safetensors', 'peft'
+            'onnxscript', 'pre-commit', 'safetensors', 'peft'
         ],
         # .safetensors checkpoints (e.g. Florence-2's model.safetensors).
         'safetensors': ['safetensors'],
+        # tools/deployment/pytorch2onnx.py (onnxruntime: --verify)
+        'deploy': ['onnx', 'onnxscript', 'onnxruntime'],
     },
     classifiers=[
         'Programming Language :: Python :: 3',

@@ -25,7 +25,6 @@ window is padded right/bottom (after the LayerNorm, no attention mask), both
 exactly as the original DaViT does. Where every stage map is even and at least
 the window, the forward equals mmpretrain's.
 """
-import math
 from copy import deepcopy
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -40,6 +39,30 @@ from torch import Tensor
 
 from davit_ext.registry import MODELS
 from . import fast_paths
+
+
+def _is_exporting() -> bool:
+    """True under ``torch.export`` (and the ONNX exporter built on it).
+
+    The graph it records must hold for every input size: there the padding is
+    computed from the symbolic shape and applied unconditionally (zero amounts
+    where none is needed) instead of behind a Python branch on the example's
+    size, which would be frozen into the graph.
+    """
+    is_exporting = getattr(torch.compiler, 'is_exporting', None)
+    return bool(is_exporting and is_exporting())
+
+
+def _reshape(x: Tensor, shape: Tuple) -> Tensor:
+    """``x.reshape(shape)``; when exporting, always as a copy.
+
+    Whether a reshape can be a view depends on which sizes are 1 (e.g. one
+    window per row): the exporter would freeze that answer for the example's
+    size. A copy first makes the view valid for every size.
+    """
+    if _is_exporting():
+        return x.clone(memory_format=torch.contiguous_format).view(shape)
+    return x.reshape(shape)
 
 
 def drop_path(x: Tensor, prob: float, training: bool) -> Tensor:
@@ -155,21 +178,26 @@ class WindowAttention(nn.Module):
         B, H, W, C = x.shape
         wh = ww = self.window_size
         if not self.pad_small_map:
-            wh, ww = min(wh, H), min(ww, W)
+            wh, ww = torch.sym_min(wh, H), torch.sym_min(ww, W)
         # Pad right/bottom after the norm and attend over the zeros without a
-        # mask: what the original model (and mmpretrain) does.
-        pad_b, pad_r = -H % wh, -W % ww
-        if pad_b or pad_r:
+        # mask: what the original model (and mmpretrain) does. Exported
+        # graphs pad (possibly by 0) whatever the size: see _is_exporting.
+        # (ceil(H / wh) * wh - H: floor division only, which keeps the
+        # exporter's symbolic sizes simple.)
+        nh, nw = (H + wh - 1) // wh, (W + ww - 1) // ww
+        pad_b, pad_r = nh * wh - H, nw * ww - W
+        padded = _is_exporting() or bool(pad_b or pad_r)
+        if padded:
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        nh, nw = (H + pad_b) // wh, (W + pad_r) // ww
-        windows = x.view(B, nh, wh, nw, ww, C).transpose(2, 3)
-        windows = windows.reshape(B * nh * nw, wh * ww, C)
+        windows = _reshape(
+            x.view(B, nh, wh, nw, ww, C).transpose(2, 3),
+            (B * nh * nw, wh * ww, C))
         out = fast_paths.window_msa_chunked(self.w_msa, windows, wh * ww)
         if out is None:
             out = self.w_msa(windows)
         out = out.view(B, nh, nw, wh, ww, C).transpose(2, 3)
-        out = out.reshape(B, nh * wh, nw * ww, C)
-        if pad_b or pad_r:
+        out = _reshape(out, (B, nh * wh, nw * ww, C))
+        if padded:
             out = out[:, :H, :W]
         return out
 
@@ -328,7 +356,13 @@ class Downsample(nn.Module):
         """``x``: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C_out)."""
         x = self.norm(x)
         H, W = x.shape[1:3]
-        if self.projection.kernel_size[0] == 2 and (H % 2 or W % 2):
+        if self.projection.kernel_size[0] != 2:
+            pass  # an odd kernel pads inside the conv
+        elif _is_exporting():
+            # One zero row/column whatever the size (see _is_exporting): the
+            # 2x2 stride-2 conv never reads it on an even map.
+            x = F.pad(x, (0, 0, 0, 1, 0, 1))
+        elif H % 2 or W % 2:
             x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
         x = self.projection(x.permute(0, 3, 1, 2))
         return x.permute(0, 2, 3, 1).contiguous()
@@ -367,9 +401,17 @@ class PatchEmbed(nn.Module):
     def _padding(self, size: int) -> Tuple[int, int]:
         """(before, after) padding of one spatial dim."""
         s, k = self.patch_size, self.kernel_size
+        # Integer ceil and sym_max: also exact on the symbolic sizes of an
+        # exported graph (math.ceil / max would freeze the example's size).
+        to_multiple = (size + s - 1) // s * s - size  # -size % s
         if self.official:
-            return k // 2, k // 2 + (-size % s)
-        total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            # sym_max of a sum >= 0 changes nothing in eager; exported, it
+            # keeps torch.export from turning the conv's checks of the maps'
+            # sizes (> 1, for its memory format only) into a minimum input
+            # size (it demanded H, W >= 33 without it; the default padding
+            # below has its sym_max anyway).
+            return k // 2, torch.sym_max(k // 2 + to_multiple, 0)
+        total = torch.sym_max(to_multiple - s + k, 0)
         return total // 2, total - total // 2
 
     def forward(self, x: Tensor) -> Tensor:

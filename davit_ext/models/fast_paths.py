@@ -55,9 +55,10 @@ _MODULE_HOOKS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks',
 
 
 def is_capturing() -> bool:
-    """True while a tracer or compiler records the model."""
+    """True while a tracer, compiler or exporter records the model."""
+    is_exporting = getattr(torch.compiler, 'is_exporting', None)
     return (torch.jit.is_tracing() or torch.jit.is_scripting()
-            or _is_compiling())
+            or _is_compiling() or bool(is_exporting and is_exporting()))
 
 
 def plain(*modules: nn.Module) -> bool:

@@ -12,6 +12,11 @@ Candidates (one classifier each, 1000 classes unless ``--num-classes``):
                     also the training step)
 - ``ours-cp``       ``ours`` with ``with_cp=True`` (``--with-cp``, training
                     step and memory only)
+- ``ours+onnxruntime`` ``ours`` exported by
+                    ``tools/deployment/pytorch2onnx.py`` (dynamic batch,
+                    height and width) and run by onnxruntime on the CPU with
+                    ``--threads`` intra-op threads (``--onnx``, inference
+                    only, fp32)
 
 Every candidate gets the weights of ``ours`` (renamed to timm's layout for
 timm), with random LayerNorm affines and biases so that a tensor landing in
@@ -84,7 +89,8 @@ ARCHS.update(tiny=ARCHS['t'], small=ARCHS['s'], base=ARCHS['b'])
 DTYPES = dict(fp32=None, bf16=torch.bfloat16, fp16=torch.float16)
 # Candidates compared with each other before timing: (ours, reference).
 CHECK_PAIRS = [('ours', 'mmpretrain'), ('ours-official', 'timm'),
-               ('ours+compile', 'ours')]
+               ('ours+compile', 'ours'), ('ours+onnxruntime', 'ours')]
+ONNX_NAME = 'ours+onnxruntime'
 PEERS = ('mmpretrain', 'timm')
 
 
@@ -138,6 +144,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         default=None,
         help='torch.compile mode, e.g. '
         'max-autotune')
+    p.add_argument(
+        '--onnx',
+        action='store_true',
+        help='add ours+onnxruntime: ours exported to ONNX, run by '
+        'onnxruntime (CPU, fp32, inference)')
     p.add_argument(
         '--with-cp',
         action='store_true',
@@ -415,6 +426,60 @@ def compile_candidate(runner: Runner, x: torch.Tensor, xt: torch.Tensor,
         runner.optimizer = None
 
 
+class OnnxRunner:
+    """``ours`` as an ONNX file in onnxruntime: the ``Runner.infer`` call.
+
+    The file is what ``tools/deployment/pytorch2onnx.py --dynamic-export``
+    writes for these weights; onnxruntime gets the same thread count as torch
+    (``--threads``, intra-op; one inter-op thread).
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, args) -> None:
+        import importlib.util
+        import tempfile
+
+        import onnxruntime as ort
+        path = os.path.join(
+            os.path.dirname(os.path.abspath(__file__)), '..', 'deployment',
+            'pytorch2onnx.py')
+        spec = importlib.util.spec_from_file_location('pytorch2onnx', path)
+        tool = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tool)
+        self.name = ONNX_NAME
+        self.device = torch.device('cpu')
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx_file = os.path.join(tmp, 'ours.onnx')
+            t0 = time.perf_counter()
+            tool.export(model.eval(), onnx_file, x.shape[2:], dynamic=True)
+            self.compile_s = {'onnx export': time.perf_counter() - t0}
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            options.inter_op_num_threads = 1
+            # No busy-waiting after a run: spinning threads take the cores
+            # from the candidate timed next (with 2 threads ours, timed
+            # right after onnxruntime, still runs slow: see the README).
+            options.add_session_config_entry('session.intra_op.allow_spinning',
+                                             '0')
+            self.session = ort.InferenceSession(
+                onnx_file, options, providers=['CPUExecutionProvider'])
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {'input': x.contiguous().numpy()})[0]
+        return torch.from_numpy(out)
+
+
+def add_onnx_candidate(runners: Dict, model: nn.Module, x: torch.Tensor, args,
+                       notes: List[str]) -> None:
+    """Add ``ours+onnxruntime`` to ``runners`` (``--onnx``), or a note."""
+    if args.device != 'cpu' or args.dtype != 'fp32':
+        notes.append(f'{ONNX_NAME}: CPU fp32 only, left out')
+        return
+    try:
+        runners[ONNX_NAME] = OnnxRunner(model, x, args)
+    except ImportError as e:
+        notes.append(f'{ONNX_NAME}: not installed ({e}), left out')
+
+
 # ----------------------------------------------------------------- phases
 def check_outputs(runners: Dict[str, Runner], x: torch.Tensor, args,
                   notes: List[str]) -> List[Dict]:
@@ -611,6 +676,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                         device)
         compile_candidate(runner, x, xt, y, args)
         runners['ours+compile'] = runner
+    if args.onnx:
+        add_onnx_candidate(runners, models['ours'], x, args, notes)
 
     checks = []
     if not args.no_check:
@@ -637,7 +704,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             results[n]['infer_img_s'] = args.batch / statistics.median(t)
     trainable = [
         n for n, r in runners.items()
-        if n != 'ours+compile' or args.compile_train
+        if (n != 'ours+compile' or args.compile_train) and n != ONNX_NAME
     ]
     if 'train' not in args.skip:
         fns = {
@@ -656,13 +723,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             results[n]['train_peak_mb'] = peak_memory(
                 lambda: r.train_step(xt, y), device) / 2**20
         for n, r in runners.items():
-            if n != 'ours-cp':
+            if n not in ('ours-cp', ONNX_NAME):  # (torch's allocator only)
                 results[n]['infer_peak_mb'] = peak_memory(
                     lambda: r.infer(x), device) / 2**20
 
     if args.profile and device.type == 'cpu':
         for n, r in runners.items():
-            if n not in ('ours-cp', 'ours+compile'):
+            if n not in ('ours-cp', 'ours+compile', ONNX_NAME):
                 results[n]['infer_profile'] = profile_ops(lambda: r.infer(x))
     elif args.profile:
         notes.append('--profile reads CPU time: skipped on ' + device.type)
@@ -705,6 +772,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             print(f'{name}: compile time ' +
                   ', '.join(f'{k} {v:.1f} s'
                             for k, v in res['compile_s'].items()))
+        if name == ONNX_NAME and res.get('infer_img_s'):
+            ratio = res['infer_img_s'] / results['ours']['infer_img_s']
+            print(f'{name}: inference {ratio:.2f}x ours (PyTorch eager)')
         if 'train_peak_vs_ours' in res:
             print(f'{name}: training peak memory '
                   f"{res['train_peak_vs_ours']:.2f}x ours (with_cp=False)")

@@ -12,30 +12,62 @@ CONFIG is a config file or a model name (``davit-tiny_3rdparty_in1k``,
            data_preprocessor mean/std (ImageNet's for our configs)
     logits float32 (N, num_classes)
 
-``--dynamic-export`` makes N dynamic. H and W are fixed to ``--shape``
-(default 224 224): the window partition and padding sizes are computed from
-the input size in Python and are traced as constants. ``--verify`` runs the
-file in onnxruntime and compares its logits with PyTorch's (at a second batch
-size too when N is dynamic); it fails when they differ by more than
-``--tolerance`` (1e-4).
+``--dynamic-export`` makes N, H and W dynamic: one file runs every batch and
+image size. The stem padding, the padding of odd maps before each downsample
+and the padding of maps to a multiple of the window (or up to the window when
+smaller) are computed in the graph from the input's shape, in both forwards
+(default and ``official=True``). Without it the graph takes
+``(1, 3, *--shape)`` only.
 
-Exporter: torch's TorchScript-based exporter (``dynamo=False``). torch 2.9+
-defaults to the torch.export-based exporter, which needs the ``onnxscript``
-package (not a dependency of davit_ext); the TorchScript exporter needs
-nothing more, handles a dynamic batch through ``dynamic_axes``, and its graph
-matches PyTorch to ~1e-7 here.
+Exporter: torch's maintained exporter (``torch.onnx.export(...,
+dynamo=True)``: ``torch.export`` with dynamic shapes, ops translated by
+onnxscript), opset 18 by default (``--opset`` 18 to 23). The legacy
+TorchScript exporter is not used: it traces sizes as constants, so its graph
+only runs at the example's size.
+
+``--verify`` runs the written file in onnxruntime and compares its logits
+with PyTorch's at several sizes: with ``--dynamic-export`` the ``--shape``
+size at batch 1 and 3, a non-square, an odd and an odd non-square size and
+one smaller than a window (``--verify-sizes`` replaces that list); it prints
+each difference and fails when one exceeds ``--tolerance`` (1e-4) times the
+logits' scale where that is above 1. The file is written only when the export
+(and ``--verify``, if asked) succeeded; an existing file is not touched
+otherwise.
 """
 import argparse
 import os
 import os.path as osp
 import sys
+import tempfile
 import warnings
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
 
+EXPORTER = 'torch.onnx.export(dynamo=True) (torch.export + onnxscript)'
+# torch's exporter implements its ops from opset 18 on (torchlib); below it
+# relies on a version converter that fails on this graph's ops. 23 is the
+# newest opset torch 2.14's exporter writes and onnxruntime 1.2x reads.
+MIN_OPSET, MAX_OPSET = 18, 23
+DEFAULT_OPSET = 18
+INPUT, OUTPUT = 'input', 'logits'
 
-def parse_args(argv=None):
+
+def _size_triple(text: str) -> Tuple[int, int, int]:
+    """``'NxHxW'`` -> (N, H, W), for ``--verify-sizes``."""
+    try:
+        n, h, w = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f'expected NxHxW (e.g. 2x200x300); got {text!r}')
+    if min(n, h, w) < 1:
+        raise argparse.ArgumentTypeError(
+            f'batch, height and width must be >= 1; got {text!r}')
+    return n, h, w
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description='Export an mmpretrain/davit_ext classifier to ONNX')
     parser.add_argument('config', help='config file or model name')
@@ -48,25 +80,46 @@ def parse_args(argv=None):
         nargs=2,
         default=[224, 224],
         metavar=('H', 'W'),
-        help='input height and width (default: 224 224)')
+        help='input height and width of the example (and of the graph '
+        'without --dynamic-export); default: 224 224')
     parser.add_argument(
         '--dynamic-export',
         action='store_true',
-        help='make the batch dimension dynamic')
+        help='make batch, height and width dynamic')
     parser.add_argument(
-        '--opset', type=int, default=17, help='ONNX opset (default: 17)')
+        '--opset',
+        type=int,
+        default=DEFAULT_OPSET,
+        help=f'ONNX opset, {MIN_OPSET}..{MAX_OPSET} '
+        f'(default: {DEFAULT_OPSET})')
     parser.add_argument(
         '--verify',
         action='store_true',
         help='check the ONNX logits against PyTorch with onnxruntime')
     parser.add_argument(
+        '--verify-sizes',
+        type=_size_triple,
+        nargs='+',
+        metavar='NxHxW',
+        help='sizes --verify checks with --dynamic-export (default: see '
+        'the module docstring)')
+    parser.add_argument(
         '--tolerance',
         type=float,
         default=1e-4,
-        help='largest |logit difference| --verify accepts (default: 1e-4)')
+        help='largest |logit difference| --verify accepts, times the '
+        'logits\' scale where it exceeds 1 (default: 1e-4)')
     args = parser.parse_args(argv)
+    # Checked before anything is built or exported.
     if min(args.shape) < 1:
         parser.error(f'--shape must be positive; got {args.shape}')
+    if not MIN_OPSET <= args.opset <= MAX_OPSET:
+        parser.error(f'--opset {args.opset} is not supported: the exporter '
+                     f'({EXPORTER}) writes opsets {MIN_OPSET} to '
+                     f'{MAX_OPSET}; leave --opset out for {DEFAULT_OPSET}.')
+    if args.verify_sizes and not args.dynamic_export:
+        parser.error('--verify-sizes needs --dynamic-export (a static graph '
+                     'runs at (1, 3, *--shape) only)')
     return args
 
 
@@ -121,83 +174,198 @@ class LogitsOnly(torch.nn.Module):
         return out
 
 
-def export(model: torch.nn.Module, output_file: str, shape, dynamic: bool,
-           opset: int) -> None:
-    dummy = torch.randn(1, 3, *shape)
-    dynamic_axes = {'input': {0: 'batch'}, 'logits': {0: 'batch'}} \
-        if dynamic else None
-    out_dir = osp.dirname(osp.abspath(output_file))
-    os.makedirs(out_dir, exist_ok=True)
-    with warnings.catch_warnings():
-        # Sizes traced as constants (expected: H, W are fixed) and the
-        # notice that this is the TorchScript exporter.
-        warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
-        warnings.filterwarnings('ignore', message='.*legacy TorchScript.*')
-        warnings.filterwarnings('ignore', message='.*will be removed.*')
-        with torch.no_grad():
-            torch.onnx.export(
-                model, (dummy, ),
-                output_file,
-                dynamo=False,
-                input_names=['input'],
-                output_names=['logits'],
-                dynamic_axes=dynamic_axes,
-                opset_version=opset,
-                do_constant_folding=True)
+class ExportError(RuntimeError):
+    """The exporter failed or wrote a graph that is not what was asked."""
 
 
-def verify(model: torch.nn.Module, output_file: str, shape, dynamic: bool,
-           tolerance: float) -> float:
-    """Max |logit difference| onnxruntime vs PyTorch; raise if too large."""
+def export(model: torch.nn.Module,
+           output_file: str,
+           shape: Sequence[int],
+           dynamic: bool,
+           opset: int = DEFAULT_OPSET) -> None:
+    """Write ``model`` (images -> logits) to ``output_file`` as ONNX.
+
+    Args:
+        model (nn.Module): Maps a (N, 3, H, W) batch to (N, classes) logits.
+        output_file (str): Path of the .onnx file (weights inside it).
+        shape (Sequence[int]): H, W of the example input (and of the graph
+            when not ``dynamic``).
+        dynamic (bool): Make batch, height and width dynamic.
+        opset (int): ONNX opset. Defaults to 18.
+    """
+    import onnx
+    if dynamic:
+        # Batch 2 in the example: sizes 0/1 would be specialised.
+        example = torch.randn(2, 3, *shape)
+        Dim = torch.export.Dim
+        dynamic_shapes = ({
+            0: Dim('batch', min=1),
+            2: Dim('height', min=1),
+            3: Dim('width', min=1)
+        }, )
+    else:
+        example, dynamic_shapes = torch.randn(1, 3, *shape), None
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings('ignore', category=UserWarning)
+        program = torch.onnx.export(
+            model, (example, ),
+            dynamo=True,
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            verbose=False)
+    program.save(output_file, external_data=False)
+    # torch.export may "refine" a dynamic dim into a constant where the
+    # model branches on it; such a graph would fail at other sizes.
+    graph = onnx.load(output_file, load_external_data=False).graph
+    dims = graph.input[0].type.tensor_type.shape.dim
+    if dynamic:
+        fixed = [
+            f'{name}={d.dim_value}'
+            for name, d in zip(('batch', '', 'height', 'width'), dims)
+            if name and not d.dim_param
+        ]
+        if fixed:
+            raise ExportError(
+                'the exporter fixed ' + ', '.join(fixed) + ' instead of '
+                'keeping them dynamic: the model branches on the input size '
+                'somewhere the graph cannot express.')
+
+
+def default_verify_sizes(shape: Sequence[int],
+                         dynamic: bool) -> List[Tuple[int, int, int, str]]:
+    """(N, H, W, what) cases that ``verify`` checks by default."""
+    H, W = shape
+    if not dynamic:
+        return [(1, H, W, '--shape, the only size of a static graph')]
+    return [(1, H, W, 'square' if H == W else '--shape'),
+            (3, H, W, 'batch > 1'), (2, 200, 300, 'non-square'),
+            (1, 225, 225, 'odd'), (1, 97, 131, 'odd, non-square'),
+            (1, 24, 24, 'smaller than a window, stem map 6x6')]
+
+
+def verify(model: torch.nn.Module,
+           output_file: str,
+           sizes: Sequence[Tuple],
+           tolerance: float = 1e-4) -> float:
+    """Compare onnxruntime with PyTorch at each size; print every difference.
+
+    Args:
+        model (nn.Module): The exported model (images -> logits).
+        output_file (str): The .onnx file.
+        sizes (Sequence[tuple]): ``(N, H, W)`` or ``(N, H, W, what)`` cases.
+        tolerance (float): Largest accepted max |logit difference|, times
+            the logits' largest magnitude where it exceeds 1.
+
+    Returns:
+        float: The largest difference seen.
+
+    Raises:
+        AssertionError: a shape mismatch or a difference over the limit.
+    """
     import onnx
     import onnxruntime as ort
-    onnx.checker.check_model(onnx.load(output_file))
+    onnx.checker.check_model(output_file)
     session = ort.InferenceSession(
         output_file, providers=['CPUExecutionProvider'])
     generator = torch.Generator().manual_seed(0)
-    worst = 0.
-    for batch in ((1, 3) if dynamic else (1, )):
-        x = torch.randn(batch, 3, *shape, generator=generator)
+    worst, failed = 0., []
+    for case in sizes:
+        n, h, w = case[:3]
+        what = f' ({case[3]})' if len(case) > 3 else ''
+        x = torch.randn(n, 3, h, w, generator=generator)
         with torch.no_grad():
             expected = model(x).numpy()
-        got = session.run(['logits'], {'input': x.numpy()})[0]
+        got = session.run([OUTPUT], {INPUT: x.numpy()})[0]
         if got.shape != expected.shape:
-            raise AssertionError(f'ONNX logits have shape {got.shape}, '
-                                 f'PyTorch {expected.shape}.')
+            raise AssertionError(f'at {n}x3x{h}x{w} the ONNX logits have '
+                                 f'shape {got.shape}, PyTorch '
+                                 f'{expected.shape}.')
         diff = float(np.abs(got - expected).max())
-        print(f'verify: batch {batch}, {shape[0]}x{shape[1]}: max |logit '
-              f'diff| onnxruntime vs PyTorch = {diff:.3e}')
+        scale = float(np.abs(expected).max())
+        limit = tolerance * max(1., scale)
+        ok = diff <= limit
+        print(f'verify {n}x3x{h}x{w}{what}: max |logit diff| onnxruntime vs '
+              f'PyTorch {diff:.2e} (logits up to {scale:.2f}, limit '
+              f'{limit:.1e}) {"ok" if ok else "FAILED"}')
         worst = max(worst, diff)
-    if worst > tolerance:
-        raise AssertionError(f'ONNX and PyTorch logits differ by {worst:.3e}'
-                             f' > {tolerance:g}.')
+        if not ok:
+            failed.append(f'{n}x3x{h}x{w}')
+    if failed:
+        raise AssertionError('ONNX and PyTorch logits differ beyond the '
+                             f'limit at {", ".join(failed)} (see above).')
     return worst
+
+
+def missing_packages(verify: bool) -> List[str]:
+    """Packages the export (and ``--verify``) needs that are not installed."""
+    import importlib.util
+    names = ['onnx', 'onnxscript'] + (['onnxruntime'] if verify else [])
+    return [n for n in names if importlib.util.find_spec(n) is None]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    missing = missing_packages(args.verify)
+    if missing:
+        print(
+            f'error: the ONNX export needs {", ".join(missing)}: '
+            f'pip install {" ".join(missing)} (or pip install '
+            '"davit_ext[deploy]").',
+            file=sys.stderr)
+        return 1
     import davit_ext  # noqa: F401  (our modules and model names)
     from davit_ext.checkpoint import CheckpointError
+    out_dir = osp.dirname(osp.abspath(args.output_file))
     try:
+        if osp.isdir(args.output_file):
+            raise FileNotFoundError(
+                f'--output-file {args.output_file!r} is a directory; give '
+                'a file name such as davit.onnx.')
         cfg = load_model_config(args.config)
         model = LogitsOnly(build_classifier(cfg, args.checkpoint)).eval()
+        os.makedirs(out_dir, exist_ok=True)
     except (CheckpointError, FileNotFoundError, ValueError, KeyError,
-            RuntimeError) as e:
+            RuntimeError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
-    export(model, args.output_file, args.shape, args.dynamic_export,
-           args.opset)
-    batch = 'N (dynamic)' if args.dynamic_export else '1'
-    print(f'Saved {args.output_file}: input ({batch}, 3, '
-          f'{args.shape[0]}, {args.shape[1]}) -> logits')
-    if args.verify:
+    # Written next to the target, moved there only once all went well.
+    fd, tmp = tempfile.mkstemp(suffix='.onnx', prefix='.tmp-', dir=out_dir)
+    os.close(fd)
+    try:
         try:
-            verify(model, args.output_file, args.shape, args.dynamic_export,
-                   args.tolerance)
-        except AssertionError as e:
-            print(f'error: {e}', file=sys.stderr)
+            export(model, tmp, args.shape, args.dynamic_export, args.opset)
+        except Exception as e:  # the exporter's errors are long: one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+            print(
+                f'error: ONNX export failed ({type(e).__name__}: {first})',
+                file=sys.stderr)
             return 1
-    return 0
+        dims = 'N, 3, H, W; all dynamic' if args.dynamic_export else \
+            f'1, 3, {args.shape[0]}, {args.shape[1]}'
+        print(f'Exported with {EXPORTER}, opset {args.opset}: input '
+              f'({dims}) -> logits')
+        if args.verify:
+            sizes = args.verify_sizes or default_verify_sizes(
+                args.shape, args.dynamic_export)
+            try:
+                verify(model, tmp, sizes, args.tolerance)
+            except AssertionError as e:
+                print(
+                    f'error: {e} {args.output_file} not written.',
+                    file=sys.stderr)
+                return 1
+        # mkstemp makes the file private: give it the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, args.output_file)
+        print(f'Saved {args.output_file}')
+        return 0
+    finally:
+        if osp.exists(tmp):
+            os.remove(tmp)
 
 
 if __name__ == '__main__':
