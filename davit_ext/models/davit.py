@@ -65,6 +65,22 @@ def _reshape(x: Tensor, shape: Tuple) -> Tensor:
     return x.reshape(shape)
 
 
+def _sym_min(a, b):
+    """``min`` that torch.export keeps symbolic (``torch.sym_min``); sizes that
+    ``torch.jit.trace`` hands out as tensors (FLOP counting) take the
+    builtin."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return min(a, b)
+    return torch.sym_min(a, b)
+
+
+def _sym_max(a, b):
+    """``max`` counterpart of :func:`_sym_min`."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return max(a, b)
+    return torch.sym_max(a, b)
+
+
 def drop_path(x: Tensor, prob: float, training: bool) -> Tensor:
     """Stochastic depth: zero whole samples of a residual branch."""
     if prob == 0. or not training:
@@ -178,7 +194,7 @@ class WindowAttention(nn.Module):
         B, H, W, C = x.shape
         wh = ww = self.window_size
         if not self.pad_small_map:
-            wh, ww = torch.sym_min(wh, H), torch.sym_min(ww, W)
+            wh, ww = _sym_min(wh, H), _sym_min(ww, W)
         # Pad right/bottom after the norm and attend over the zeros without a
         # mask: what the original model (and mmpretrain) does. Exported
         # graphs pad (possibly by 0) whatever the size: see _is_exporting.
@@ -410,8 +426,8 @@ class PatchEmbed(nn.Module):
             # sizes (> 1, for its memory format only) into a minimum input
             # size (it demanded H, W >= 33 without it; the default padding
             # below has its sym_max anyway).
-            return k // 2, torch.sym_max(k // 2 + to_multiple, 0)
-        total = torch.sym_max(to_multiple - s + k, 0)
+            return k // 2, _sym_max(k // 2 + to_multiple, 0)
+        total = _sym_max(to_multiple - s + k, 0)
         return total // 2, total - total // 2
 
     def forward(self, x: Tensor) -> Tensor:
