@@ -672,7 +672,9 @@ def load_checkpoint_file(path_or_url: str,
 # --------------------------------------------------------------------------
 
 
-def _state_dict_of(checkpoint: Any, source: str) -> Dict[str, Any]:
+def state_dict_of(checkpoint: Any, source: str) -> Dict[str, Any]:
+    """The weights of a checkpoint (``state_dict`` or the dict itself), without
+    DDP's ``module.`` prefix."""
     if not isinstance(checkpoint, dict):
         raise CheckpointMismatchError(
             f'checkpoint {source} holds a {type(checkpoint).__name__}, not a '
@@ -703,7 +705,7 @@ def check_state_dict_fits(model: torch.nn.Module,
     must be shared (fine-tuning may leave e.g. a new head out).
     A ``module.`` prefix (from a DDP-wrapped model) is ignored.
     """
-    state_dict = _state_dict_of(checkpoint, source)
+    state_dict = state_dict_of(checkpoint, source)
     if hasattr(model, 'module') and not any(
             k.startswith('module.') for k in state_dict):
         model = model.module  # a wrapper (e.g. TTA) around the model

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 import torch
 from mmengine.hooks import Hook
 
-from davit_ext.checkpoint import CheckpointMismatchError
+from davit_ext.checkpoint import CheckpointMismatchError, state_dict_of
 from davit_ext.registry import HOOKS
 
 __all__ = [
@@ -62,21 +62,6 @@ def _listing(items: List[str], limit: int = 4) -> str:
     shown = ', '.join(items[:limit])
     return shown + (f', ... ({len(items) - limit} more)'
                     if len(items) > limit else '')
-
-
-def state_dict_of(checkpoint: Any, source: str) -> Dict[str, Any]:
-    """The weights of a checkpoint (``state_dict`` or the dict itself), without
-    DDP's ``module.`` prefix."""
-    if not isinstance(checkpoint, dict):
-        raise CheckpointMismatchError(
-            f'checkpoint {source} holds a {type(checkpoint).__name__}, not a '
-            f'dict of weights: it is not a model checkpoint.')
-    state_dict = checkpoint.get('state_dict', checkpoint)
-    if not isinstance(state_dict, dict):
-        raise CheckpointMismatchError(
-            f'checkpoint {source}: "state_dict" is a '
-            f'{type(state_dict).__name__}, not a dict of tensors.')
-    return {re.sub(r'^module\.', '', k): v for k, v in state_dict.items()}
 
 
 def _is_structural(rest: str) -> bool:

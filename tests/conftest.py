@@ -1,4 +1,6 @@
+import importlib.util
 import os
+import os.path as osp
 
 import pytest
 import torch
@@ -7,6 +9,8 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 import davit_ext  # noqa: E402,F401  (registers our modules)
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
 @pytest.fixture
@@ -25,3 +29,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _tool(name):
+    """Import tools/<name>.py afresh (its module state starts clean)."""
+    spec = importlib.util.spec_from_file_location(
+        f'_davit_ext_tool_{name}', osp.join(ROOT, 'tools', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def call(capsys, monkeypatch):
+    """Run a tool's main() in this process: (status, stdout, stderr)."""
+    monkeypatch.setenv('LOCAL_RANK', '0')
+
+    def run(name, *argv):
+        # mmengine's logger writes to the sys.stdout it was made with: an
+        # earlier test's capture, closed by now. A fresh one per call.
+        from mmengine.logging import MMLogger
+        MMLogger._instance_dict.clear()
+        try:
+            _tool(name).main(list(argv))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -270,35 +270,6 @@ def _run_dist_test(tiny, work):
 # --------------------------------------------------------------------------
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(
-        f'_davit_ext_tool_{name}', osp.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def call(capsys, monkeypatch):
-    """Run a tool's main() in this process: (status, stdout, stderr)."""
-    monkeypatch.setenv('LOCAL_RANK', '0')
-
-    def run(name, *argv):
-        # mmengine's logger writes to the sys.stdout it was made with: an
-        # earlier test's capture, closed by now. A fresh one per call.
-        from mmengine.logging import MMLogger
-        MMLogger._instance_dict.clear()
-        try:
-            _tool(name).main(list(argv))
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
 def _one_line(err):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1, err
