@@ -940,7 +940,11 @@ def _scheme_loader(filename: str) -> Callable:
 
 
 def _ours(loader: Callable) -> bool:
-    return loader in SCHEMES.values() or hasattr(loader, '_davit_ext_refusal')
+    """Our loaders, refusals, and davit_ext loaders that read only through
+    :func:`safe_torch_load` / safetensors (marked ``_davit_ext_safe``, e.g.
+    ``florence2://``): these are kept by :func:`install`."""
+    return (loader in SCHEMES.values() or hasattr(loader, '_davit_ext_refusal')
+            or getattr(loader, '_davit_ext_safe', False))
 
 
 def install() -> None:
@@ -964,11 +968,13 @@ def install() -> None:
 def uninstall() -> None:
     """Give mmengine its own checkpoint loaders back (undo :func:`install`).
 
-    Schemes registered by others after :func:`install` stay as they are.
+    Schemes registered by others after :func:`install` stay as they are, and so
+    do davit_ext's own extra schemes (``florence2://``), which replace nothing
+    of mmengine's.
     """
     from mmengine.runner.checkpoint import CheckpointLoader
     for prefix, loader in list(CheckpointLoader._schemes.items()):
-        if not _ours(loader):
+        if not _ours(loader) or getattr(loader, '_davit_ext_safe', False):
             continue
         if prefix in _originals:
             CheckpointLoader.register_scheme(

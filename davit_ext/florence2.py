@@ -156,6 +156,11 @@ def load_from_florence2(filename: str, map_location: Any = None) -> Dict:
         meta=dict(converted_from='florence2', source=url, **info))
 
 
+# It reads only through safe_torch_load / safetensors: davit_ext.checkpoint's
+# install() keeps it instead of refusing an unknown scheme.
+load_from_florence2._davit_ext_safe = True
+
+
 def install() -> None:
     """Register the ``florence2://`` scheme with mmengine (idempotent)."""
     from mmengine.runner.checkpoint import CheckpointLoader
