@@ -5,8 +5,8 @@
 - ``checkpoint``: mmengine's ``CheckpointLoader`` loads every scheme through
   :mod:`davit_ext.checkpoint` (``weights_only=True`` + allowlist, sha256
   checks; unknown schemes refused), and gains the ``florence2://`` scheme
-  (:mod:`davit_ext.florence2`; its loads are as safe, and undo leaves it). Undo: :func:`davit_ext.checkpoint.
-  uninstall`.
+  (:mod:`davit_ext.florence2`; its loads are as safe, and undo leaves
+  it). Undo: :func:`davit_ext.checkpoint.uninstall`.
 - ``hub``: mmpretrain's ``ModelHub`` (behind ``get_model``,
   ``inference_model``, ``list_models``) also serves our model index, and
   marks our configs' model with ``_scope_='davit_ext'``. Undo:
