@@ -122,15 +122,42 @@ def test_plain_refuses_what_it_cannot_see_through():
 
 
 # ------------------------------------------------- fast paths == modules
+FAST_PATHS = ('cpe_folded', 'norm_ffn_saving', 'norm_ffn_chunked',
+              'window_msa_chunked', 'channel_attn_t')
+
+
+def count_fast_paths(monkeypatch) -> Counter:
+    """Count the calls in which each fast path ran (returned a result)."""
+    taken = Counter()
+    for name in FAST_PATHS:
+
+        def wrapped(*args, _fn=getattr(fast_paths, name), _name=name):
+            out = _fn(*args)
+            taken[_name] += out is not None
+            return out
+
+        monkeypatch.setattr(fast_paths, name, wrapped)
+    return taken
+
+
 @pytest.mark.parametrize('dtype', [None, torch.bfloat16])
 def test_fast_paths_equal_module_calls(dtype, monkeypatch):
     """The gate of every fast path: outputs (inference and training) and all
-    gradients equal the plain module calls, in fp32 and under bf16 autocast."""
+    gradients equal the plain module calls, in fp32 and under bf16 autocast.
+
+    Under autocast two bf16 computations that sum in another order differ by a
+    few bf16 steps: there the inference outputs must also be as close to the
+    fp32 forward as those of the module calls are.
+    """
     model = small_model()
     x = torch.randn(2, 3, 224, 224)
-    # bf16: one rounding step of a value up to ~4 is 1/64.
+    # bf16: one rounding step of a value up to ~8 is 1/32.
     tol = dict(rtol=1e-5, atol=1e-5) if dtype is None else \
-        dict(rtol=5e-2, atol=5e-2)
+        dict(rtol=5e-2, atol=1e-1)
+    mean_tol = 5e-7 if dtype is None else 1.5e-2
+    with torch.no_grad():
+        exact = model.eval()(x)  # fp32, fast paths: checked against below
+    taken = count_fast_paths(monkeypatch)
     results = []
     for fast in (True, False):
         if not fast:
@@ -150,11 +177,21 @@ def test_fast_paths_equal_module_calls(dtype, monkeypatch):
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         results.append((infer, outs, grads))
+        if fast:  # every fast path that may run in this precision ran
+            expected = set(FAST_PATHS) if dtype is None else \
+                set(FAST_PATHS) - {'cpe_folded'}
+            assert {n for n in FAST_PATHS if taken[n]} == expected, taken
     (infer_f, outs_f, grads_f), (infer_m, outs_m, grads_m) = results
     for a, b in zip(infer_f + outs_f, infer_m + outs_m):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a.float(), b.float(), **tol)
-        assert (a.float() - b.float()).abs().mean() <= tol['atol'] / 20
+        assert (a.float() - b.float()).abs().mean() <= mean_tol
+    if dtype is not None:
+        for a, b, ref in zip(infer_f, infer_m, exact):
+            fast_err = (a.float() - ref).abs()
+            module_err = (b.float() - ref).abs()
+            assert fast_err.mean() <= 1.1 * module_err.mean()
+            assert fast_err.max() <= 1.5 * module_err.max()
     for n, g in grads_m.items():
         scale = g.abs().max().item()
         err = (grads_f[n] - g).abs().max().item()

@@ -159,6 +159,12 @@ class WindowMSA(nn.Module):
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads,
                                    C // self.num_heads).permute(2, 0, 3, 1,
                                                                 4).unbind(0)
+        x = self.attend(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+    @staticmethod
+    def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """``softmax(q k^T / sqrt(head_dim)) v`` per window and head."""
         if q.device.type == 'cpu' and q.dtype in (torch.bfloat16,
                                                   torch.float16):
             # CPU SDPA in half precision (autocast) runs its forward 1.6x and
@@ -166,11 +172,9 @@ class WindowMSA(nn.Module):
             # windows (measured, AVX512-BF16 CPU): the same math, as
             # mmpretrain's DaViT writes it.
             attn = (q * q.shape[-1]**-0.5) @ k.transpose(-2, -1)
-            x = attn.softmax(dim=-1) @ v
-        else:
-            # softmax(q k^T / sqrt(head_dim)) v, the default scale of SDPA.
-            x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+            return attn.softmax(dim=-1) @ v
+        # The default scale of SDPA is 1 / sqrt(head_dim).
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 class WindowAttention(nn.Module):

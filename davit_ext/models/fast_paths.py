@@ -1,6 +1,6 @@
 """CPU fast paths of our DaViT, and the one condition that gates them all.
 
-:mod:`davit_ext.models.davit` states the model's math with module calls. Four
+:mod:`davit_ext.models.davit` states the model's math with module calls. Five
 places may instead take a fast path that computes the same values with fewer
 passes over memory:
 
@@ -9,9 +9,9 @@ fast path                      runs when (besides :func:`plain`)
 =============================  ==============================================
 :func:`cpe_folded`             no autocast, input dtype == conv weight dtype
 :class:`NormFFNFunction`       autograd records (training); saves memory
-:func:`norm_ffn_chunked`       CPU, no autograd, no autocast; cache-sized rows
-:func:`window_msa_chunked`     CPU, no autograd, no autocast; window groups
-:func:`channel_attn_t`         CPU, no autograd, no autocast; transposed
+:func:`norm_ffn_chunked`       CPU inference; cache-sized groups of rows
+:func:`window_msa_chunked`     CPU inference; cache-sized groups of windows
+:func:`channel_attn_t`         CPU inference; one image at a time, transposed
 =============================  ==============================================
 
 :func:`plain` is true only where calling the modules would compute exactly
@@ -20,14 +20,19 @@ an exact, known class (``type(m) is nn.Linear``, not a subclass, not a LoRA or
 quantized wrapper), has no forward/backward hooks or pre-hooks, no
 parametrization, no global module hooks are registered, and nothing traces
 or compiles the model (tracers and compilers see the plain module calls).
-Under autocast only :class:`NormFFNFunction` runs (its linears run under the
-caller's autocast, as ``nn.Linear`` would; the residual stream keeps the
-dtype the module calls give it); the others decline and the module calls
-run.
+
+Under CPU autocast (bf16, fp16) the inference paths cast what ``nn.Linear``
+casts (input, weight, bias to the autocast dtype; :func:`_linear_dtype`) and
+keep every other op in the dtype the module calls give it; the residual
+stream keeps its dtype. :class:`NormFFNFunction`'s linears run under the
+caller's autocast, as ``nn.Linear`` would. :func:`cpe_folded` declines
+(``1 + w`` would be rounded to half precision).
 
 Each fast path is gated by an equivalence test in ``tests/test_contract.py``
 (outputs and, for the autograd Function, gradients equal the module calls,
-in fp32 and under bf16 autocast).
+in fp32 and under bf16 autocast; under autocast, where two bf16 sums in
+another order differ by a few bf16 steps, the outputs must also be as close
+to the fp32 forward as the module calls' are).
 """
 from typing import Optional
 
@@ -100,29 +105,57 @@ def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, weight.dtype)
 
 
-def _linear_into(x: Tensor, layer: nn.Linear, out: Tensor) -> Tensor:
-    """``layer(x)`` (2-D ``x``, same dtype as the layer), written into ``out``:
-
-    the addmm (or mm) that ``F.linear`` runs, with an ``out=`` argument.
-    """
-    if layer.bias is None:
-        return torch.mm(x, layer.weight.t(), out=out)
-    return torch.addmm(layer.bias, x, layer.weight.t(), out=out)
-
-
 def chunk_rows(x: Tensor) -> Optional[int]:
     """Rows (tokens) per chunk for the CPU inference paths, or None.
 
     A chunk small enough for its activations to stay in cache from one op to
     the next, large enough (at least 8C rows) for the GEMMs to stay efficient.
-    Only on CPU, without autograd (inference) and outside autocast: under bf16
-    autocast the chunks measured 1.6-2x slower than one pass on an AVX512-BF16
-    CPU (per-chunk casts and mixed-dtype adds).
+    Only on CPU and without autograd (inference); under CPU autocast too
+    (there the chunk's linears run in the autocast dtype, see
+    :func:`_linear_dtype`).
     """
-    if x.device.type != 'cpu' or torch.is_grad_enabled() or \
-            _autocast_on(x.device.type):
+    if x.device.type != 'cpu' or torch.is_grad_enabled():
         return None
     return max(1024, 8 * x.shape[-1])
+
+
+def _linear_dtype(x: Tensor, *layers: nn.Linear) -> Optional[torch.dtype]:
+    """The dtype the module calls ``layer(x)`` would compute in, where a
+    chunked path knows how to reproduce it; None otherwise.
+
+    Without autocast: ``x``'s dtype, if every weight has it (nothing cast).
+    Under CPU autocast (bf16 or fp16) with fp32 weights and ``x`` in fp32 or in
+    the autocast dtype (the residual stream of DaViT under autocast, as in
+    mmpretrain's and timm's: the stem conv hands out half precision): the
+    autocast dtype, to which ``nn.Linear`` casts its input, weight and bias.
+    The chunked paths then cast the same tensors themselves.
+    """
+    weights = {layer.weight.dtype for layer in layers}
+    if not _autocast_on(x.device.type):
+        return x.dtype if weights == {x.dtype} else None
+    dt = _compute_dtype(x, layers[0].weight)
+    if x.device.type != 'cpu' or weights != {torch.float32} or \
+            dt not in (torch.bfloat16, torch.float16) or \
+            x.dtype not in (torch.float32, dt):
+        return None
+    return dt
+
+
+def _params_in(layer: nn.Linear, dtype: torch.dtype):
+    """``layer``'s weight and bias in ``dtype`` (as autocast casts them)."""
+    bias = layer.bias if layer.bias is None else layer.bias.to(dtype)
+    return layer.weight.to(dtype), bias
+
+
+def _addmm(x: Tensor,
+           weight: Tensor,
+           bias: Optional[Tensor],
+           out: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` of a 2-D ``x`` as the addmm (or mm) it
+    runs, with an optional ``out=``."""
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
 
 
 # -------------------------------------------------------------------- CPE
@@ -243,30 +276,43 @@ def norm_ffn_chunked(norm: nn.LayerNorm, ffn: nn.Module,
     """``x + ffn(norm(x))`` at inference, ``chunk_rows`` tokens at a time.
 
     Each chunk's 4C-wide hidden activations are still in cache when GELU and
-    fc2 read them (measured 2.2x faster at 96 channels, 1.18x on the whole
-    model, fp32), and the residual is added while the chunk is in cache.
-    Runs when: :func:`plain` ``(norm, ffn)``, CPU, no autograd, no autocast
-    and ``x`` in the weights' dtype (nothing cast). Returns None otherwise.
-    Same ops per row as the module calls.
+    fc2 read them, and the residual is added while the chunk is in cache
+    (measured on the first stage of DaViT-T, batch 8: fp32 2.2x faster, bf16
+    autocast 3.3x). Runs when: :func:`plain` ``(norm, ffn)``, CPU, no autograd,
+    and :func:`_linear_dtype` knows the linears' dtype (no autocast and
+    everything in one dtype, or CPU autocast over fp32). Under autocast the
+    chunk does what the module calls do: the norm in fp32, the linears and GELU
+    in the autocast dtype, the residual sum in fp32. Returns None otherwise.
     Gate: ``test_fast_paths_equal_module_calls``.
     """
     step = chunk_rows(x)
     if step is None or not plain(norm, ffn):
         return None
     fc1, act, fc2 = _ffn_parts(norm, ffn)
+    dt = _linear_dtype(x, fc1, fc2)
+    if dt is None:
+        return None
+    if dt != fc1.weight.dtype:
+        # Half-precision GEMMs like longer chunks; one chunk would only add
+        # the casts to what the module calls do.
+        step = max(step, 2048)
+        if x.numel() <= step * x.shape[-1]:
+            return None
+    w1, b1 = _params_in(fc1, dt)
+    w2, b2 = _params_in(fc2, dt)
     C = x.shape[-1]
     rows = x.reshape(-1, C)
-    if not x.dtype == fc1.weight.dtype == fc2.weight.dtype:
-        return None
     out = torch.empty_like(rows)
     for start in range(0, rows.shape[0], step):
         t, o = rows[start:start + step], out[start:start + step]
         y = F.layer_norm(t, norm.normalized_shape, norm.weight, norm.bias,
                          norm.eps)
-        h = F.linear(y, fc1.weight, fc1.bias)
+        h = _addmm(y.to(dt), w1, b1)
         h = torch.ops.aten.gelu_(h, approximate=act.approximate)
-        # The residual is added while the chunk's rows are in cache.
-        _linear_into(h, fc2, o).add_(t)
+        if dt == x.dtype:
+            _addmm(h, w2, b2, out=o).add_(t)
+        else:  # an fp32 residual + the branch in the autocast dtype
+            torch.add(t, _addmm(h, w2, b2), out=o)
     return out.view(x.shape)
 
 
@@ -277,9 +323,10 @@ def window_msa_chunked(w_msa: nn.Module, windows: Tensor,
 
     qkv, the attention and its output stay in cache between the ops (measured
     1.03x on the whole model, fp32). Runs when: :func:`plain` ``(w_msa)``, CPU,
-    no autograd, no autocast, windows in the weights' dtype, more than one
-    chunk. Returns None otherwise. Gate:
-    ``test_fast_paths_equal_module_calls``.
+    no autograd, :func:`_linear_dtype` knows the linears' dtype (as in
+    :func:`norm_ffn_chunked`), more than one chunk. The attention itself is
+    ``w_msa.attend``, as in the module's forward. Returns None otherwise.
+    Gate: ``test_fast_paths_equal_module_calls``.
     """
     step = chunk_rows(windows)
     if step is None:
@@ -288,65 +335,73 @@ def window_msa_chunked(w_msa: nn.Module, windows: Tensor,
     if windows.shape[0] <= step or not plain(w_msa):
         return None
     qkv_l, proj = w_msa.qkv, w_msa.proj
+    dt = _linear_dtype(windows, qkv_l, proj)
+    if dt is None:
+        return None
+    w_qkv, b_qkv = _params_in(qkv_l, dt)
+    w_proj, b_proj = _params_in(proj, dt)
     B, N, C = windows.shape
     heads = w_msa.num_heads
-    if not windows.dtype == qkv_l.weight.dtype == proj.weight.dtype:
-        return None
-    out = torch.empty_like(windows)
+    out = windows.new_empty(windows.shape, dtype=dt)
     for start in range(0, B, step):
         t, o = windows[start:start + step], out[start:start + step]
         b = t.shape[0]
-        qkv = F.linear(t, qkv_l.weight, qkv_l.bias)
+        qkv = _addmm(t.reshape(b * N, C).to(dt), w_qkv, b_qkv)
         q, k, v = qkv.view(b, N, 3, heads, C // heads).permute(2, 0, 3, 1,
                                                                4).unbind(0)
-        a = F.scaled_dot_product_attention(q, k, v)
-        _linear_into(a.transpose(1, 2).reshape(b * N, C), proj, o.view(-1, C))
+        a = w_msa.attend(q, k, v)
+        _addmm(
+            a.transpose(1, 2).reshape(b * N, C),
+            w_proj,
+            b_proj,
+            out=o.view(-1, C))
     return out
 
 
 # ----------------------------------------------------- channel attention
 def channel_attn_t(attn: nn.Module, x: Tensor) -> Optional[Tensor]:
-    """Channel attention computed transposed, (B, 3C, N), at inference.
+    """Channel attention at inference, one image at a time, transposed.
 
-    The qkv weight's rows are taken in (head, q/k/v, channel) order: then
-    every head's q, k and v are plain (d, N) matrices one batch stride apart
-    and the bmm read them in place (token-major q/k/v are copied by each
-    matmul; measured 1.3-1.5x faster on this module, fp32). The weights are
-    broadcast over the batch as stride-0 views, which fp32 bmm reads in
-    place (no per-sample copies). Runs when: :func:`plain` ``(attn.qkv,
-    attn.proj)``, CPU, no autograd, no autocast (all in the weights' dtype).
-    Returns None otherwise.
+    Per image, ``qkv^T = W x^T + b`` is one (3C, N) GEMM whose rows are q, k
+    and v of each head as plain (d, N) matrices: the attention's bmm read
+    them in place, where the token-major q/k/v of the module calls are
+    copied by each matmul; and the image's q/k/v stay in cache. The proj
+    reads the (C, N) result as a transposed operand. Measured on DaViT-T's
+    stages, batch 8: fp32 1.0-1.2x, bf16 autocast 1.2-3.4x faster than the
+    module calls. Runs when: :func:`plain` ``(attn.qkv, attn.proj)``, CPU, no
+    autograd, :func:`_linear_dtype` knows the linears' dtype (under autocast
+    the GEMMs, the scaling and the softmax run in the autocast dtype, as in
+    the module calls). Returns None otherwise.
     Gate: ``test_fast_paths_equal_module_calls``.
     """
     if x.device.type != 'cpu' or torch.is_grad_enabled() or \
             not plain(attn.qkv, attn.proj):
         return None
-    qkv_l, proj = attn.qkv, attn.proj
-    dt = _compute_dtype(x, qkv_l.weight)
-    if not dt == x.dtype == qkv_l.weight.dtype == proj.weight.dtype:
-        # Under autocast, bmm of a broadcast (stride-0) bf16 weight is
-        # materialised per sample inside aten: there the module calls run.
+    dt = _linear_dtype(x, attn.qkv, attn.proj)
+    if dt is None:
         return None
+    w_qkv, b_qkv = _params_in(attn.qkv, dt)
+    w_proj, b_proj = _params_in(attn.proj, dt)
+    if b_qkv is not None:
+        b_qkv = b_qkv[:, None]
     B, H, W, C = x.shape
     N, heads = H * W, attn.num_heads
     d = C // heads
-    weight = qkv_l.weight.view(3, heads, d, C).transpose(0, 1)
-    qkv = torch.bmm(
-        weight.reshape(1, 3 * C, C).expand(B, -1, -1),
-        x.reshape(B, N, C).transpose(1, 2))
-    if qkv_l.bias is not None:
-        qkv = qkv.add_(
-            qkv_l.bias.view(3, heads, d, 1).transpose(0, 1).reshape(3 * C, 1))
-    q, k, v = qkv.view(B * heads, 3, d, N).unbind(1)
-    if attn.v2:  # Florence-2's: softmax(q^T k / sqrt(N)) mixes v
-        attn_w = torch.bmm(q * N**-0.5, k.transpose(1, 2)).softmax(dim=-1)
-        out = torch.bmm(attn_w, v).view(B, C, N)
-    else:
-        # k scaled first, as the module path (and mmpretrain) does.
-        attn_w = torch.bmm(k * attn.scale, v.transpose(1, 2)).softmax(dim=-1)
-        out = torch.bmm(attn_w, q).view(B, C, N)  # channels of q mixed
-    # proj as out^T @ W^T: a transposed operand, no copy.
-    out = torch.bmm(out.transpose(1, 2), proj.weight.t().expand(B, -1, -1))
-    if proj.bias is not None:
-        out = out.add_(proj.bias)
+    images = x.reshape(B, N, C)
+    out = x.new_empty((B, N, C), dtype=dt)
+    for i in range(B):
+        image = images[i].to(dt)
+        if b_qkv is None:
+            qkv = torch.mm(w_qkv, image.t())
+        else:
+            qkv = torch.addmm(b_qkv, w_qkv, image.t())
+        q, k, v = qkv.view(3, heads, d, N).unbind(0)
+        if attn.v2:  # Florence-2's: softmax(q^T k / sqrt(N)) mixes v
+            logits = torch.bmm(q * N**-0.5, k.transpose(1, 2))
+            mixed = torch.bmm(logits.softmax(dim=-1), v)
+        else:
+            # k scaled first, as the module path (and mmpretrain) does.
+            logits = torch.bmm(k * attn.scale, v.transpose(1, 2))
+            mixed = torch.bmm(logits.softmax(dim=-1), q)  # q's channels
+        _addmm(mixed.view(C, N).t(), w_proj, b_proj, out=out[i])
     return out.view(B, H, W, C)
