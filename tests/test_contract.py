@@ -192,11 +192,25 @@ def test_fast_paths_equal_module_calls(dtype, monkeypatch):
             module_err = (b.float() - ref).abs()
             assert fast_err.mean() <= 1.1 * module_err.mean()
             assert fast_err.max() <= 1.5 * module_err.max()
-    for n, g in grads_m.items():
-        scale = g.abs().max().item()
-        err = (grads_f[n] - g).abs().max().item()
-        # fp32 sums in another order: relative to the gradient's scale.
-        assert err <= max(tol['rtol'], 1e-4) * scale + 1e-6, (n, err, scale)
+    if dtype is None:
+        for n, g in grads_m.items():
+            scale = g.abs().max().item()
+            err = (grads_f[n] - g).abs().max().item()
+            # fp32 sums in another order: relative to the gradient's scale.
+            assert err <= 1e-4 * scale + 1e-6, (n, err, scale)
+        return
+    # bf16: every gradient as close to the fp32 one as the module calls'
+    # (the training FFN sums its weight and norm gradients in fp32: closer).
+    module_calls_only(monkeypatch)
+    model.zero_grad()
+    sum((o * torch.linspace(-1, 1, o.shape[1]).view(1, -1, 1, 1)).sum()
+        for o in model.train()(x)).backward()
+    for n, p in model.named_parameters():
+        scale = p.grad.abs().max().item()
+        fast_err = (grads_f[n] - p.grad).abs().max().item()
+        module_err = (grads_m[n] - p.grad).abs().max().item()
+        assert fast_err <= 1.1 * module_err + 1e-3 * scale, \
+            (n, fast_err, module_err, scale)
 
 
 def test_cpe_fold_equals_module_call():
@@ -315,7 +329,9 @@ def test_bf16_autocast_logits_and_dtypes_like_mmpretrain():
 def test_bf16_autocast_gradients_like_mmpretrain():
     """Gradients under bf16 autocast: as close to each model's own fp32
     gradients as mmpretrain's are (median and worst parameter), and close to
-    mmpretrain's bf16 gradients (bf16 tolerance)."""
+    mmpretrain's bf16 gradients (bf16 tolerance, plus mmpretrain's own error
+    where its bf16 gradient is far from its fp32 one: its first-stage LayerNorm
+    gradients are bf16 sums over all tokens, ours fp32 sums)."""
     ref, ours = build_pair(ARCH32, 256, drop_path_rate=0.)
     x = torch.randn(2, 3, 224, 224)
     target = torch.randn(2, 1000)
@@ -339,7 +355,7 @@ def test_bf16_autocast_gradients_like_mmpretrain():
             err = (grads[name, True][n] - grads[name, False][n]).abs().max()
             rel[name].append(err.item() / scale)
         cross = (grads['ours', True][n] - grads['ref', True][n]).abs().max()
-        assert cross.item() <= 0.25 * scale, n
+        assert cross.item() <= (0.25 + rel['ref'][-1]) * scale, n
     assert torch.tensor(rel['ours']).median() <= \
         1.1 * torch.tensor(rel['ref']).median(), rel
     assert max(rel['ours']) <= 1.2 * max(rel['ref']), rel

@@ -380,9 +380,12 @@ def test_training_gradients_equal_mmpretrain(size):
         assert error <= 1e-4 * expected.abs().max().item() + 1e-7, name
 
 
-def test_norm_ffn_function_equals_plain_ops():
+@pytest.mark.parametrize('step', [7, 1000])
+@pytest.mark.parametrize('bias', [True, False])
+def test_norm_ffn_function_equals_plain_ops(step, bias):
     """NormFFNFunction gives the plain ops' output and the gradients of all its
-    tensor inputs, also where only some need one."""
+    tensor inputs, also where only some need one; in uneven chunks of 7 rows
+    (50 rows) and in one chunk; with and without the linears' biases."""
     from davit_ext.models.fast_paths import NormFFNFunction
     torch.manual_seed(0)
     C = 12
@@ -391,30 +394,38 @@ def test_norm_ffn_function_equals_plain_ops():
         torch.randn(C) + 1,
         torch.randn(C),
         torch.randn(4 * C, C),
-        torch.randn(4 * C),
+        torch.randn(4 * C) if bias else None,
         torch.randn(C, 4 * C),
-        torch.randn(C)
+        torch.randn(C) if bias else None,
     ]
-    for p in params:
-        p.requires_grad_(True)
+    tensors = [p.requires_grad_(True) for p in params if p is not None]
     nw, nb, w1, b1, w2, b2 = params
     grad_out = torch.randn(2, 5, 5, C)
 
     plain = torch.nn.functional.layer_norm(x, (C, ), nw, nb, 1e-5)
-    plain = torch.nn.functional.gelu(plain @ w1.t() + b1) @ w2.t() + b2
-    expected = torch.autograd.grad(plain, [x] + params, grad_out)
+    plain = torch.nn.functional.linear(
+        torch.nn.functional.gelu(torch.nn.functional.linear(plain, w1, b1)),
+        w2, b2)
+    expected = torch.autograd.grad(plain, [x] + tensors, grad_out)
 
-    out = NormFFNFunction.apply(x, nw, nb, 1e-5, w1, b1, w2, b2)
-    grads = torch.autograd.grad(out, [x] + params, grad_out)
+    def apply(x, *params):
+        nw, nb, w1, b1, w2, b2 = params
+        return NormFFNFunction.apply(x, nw, nb, 1e-5, w1, b1, w2, b2,
+                                     torch.float32, step)
+
+    out = apply(x, *params)
+    grads = torch.autograd.grad(out, [x] + tensors, grad_out)
     torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # Only some inputs needing a gradient (frozen weights, frozen input).
-    (gx, ) = torch.autograd.grad(
-        NormFFNFunction.apply(x, nw.detach(), nb.detach(), 1e-5, w1.detach(),
-                              b1.detach(), w2.detach(), b2.detach()), [x],
-        grad_out)
+    frozen = [p if p is None else p.detach() for p in params]
+    (gx, ) = torch.autograd.grad(apply(x, *frozen), [x], grad_out)
     torch.testing.assert_close(gx, expected[0], rtol=1e-4, atol=1e-4)
+    (gw2, ) = torch.autograd.grad(
+        apply(x.detach(), *frozen[:4], w2, frozen[5]), [w2], grad_out)
+    want = expected[[t is w2 for t in tensors].index(True) + 1]
+    torch.testing.assert_close(gw2, want, rtol=1e-4, atol=1e-4)
 
 
 def test_inference_chunks_equal_one_pass(monkeypatch):
