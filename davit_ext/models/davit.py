@@ -165,15 +165,17 @@ class WindowMSA(nn.Module):
     @staticmethod
     def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """``softmax(q k^T / sqrt(head_dim)) v`` per window and head."""
-        if q.device.type == 'cpu' and q.dtype in (torch.bfloat16,
-                                                  torch.float16):
-            # CPU SDPA in half precision (autocast) runs its forward 1.6x and
-            # forward + backward 5-7x slower than these matmuls on 49-token
-            # windows (measured, AVX512-BF16 CPU): the same math, as
-            # mmpretrain's DaViT writes it.
+        if q.device.type == 'cpu' and (q.dtype
+                                       in (torch.bfloat16, torch.float16)
+                                       or not torch.is_grad_enabled()):
+            # On CPU these matmuls beat SDPA on 49-token windows: in half
+            # precision (autocast) 1.6x in forward and 5-7x in forward +
+            # backward, in fp32 inference 1.5x (measured, AVX512-BF16 CPU).
+            # The same math, as mmpretrain's DaViT writes it.
             attn = (q * q.shape[-1]**-0.5) @ k.transpose(-2, -1)
             return attn.softmax(dim=-1) @ v
-        # The default scale of SDPA is 1 / sqrt(head_dim).
+        # Training in fp32: SDPA keeps no attention matrix for backward.
+        # Its default scale is 1 / sqrt(head_dim).
         return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -308,9 +310,14 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.cpe1(x)
-        x = x + drop_path(
-            self.attn(self.norm1(x)), self.drop_path, self.training)
-        x = self.cpe2(x)
+        out = None
+        if not self.training or self.drop_path == 0:
+            # Inference on CPU: x + attn(norm1(x)) in cache-sized pieces.
+            out = fast_paths.norm_attn_chunked(self.norm1, self.attn, x)
+        if out is None:
+            out = x + drop_path(
+                self.attn(self.norm1(x)), self.drop_path, self.training)
+        x = self.cpe2(out)
         if not self.training or self.drop_path == 0:
             # Inference on CPU: x + ffn(norm2(x)) in cache-sized chunks.
             out = fast_paths.norm_ffn_chunked(self.norm2, self.ffn, x)

@@ -379,6 +379,30 @@ def norm_ffn_chunked(norm: nn.LayerNorm, ffn: nn.Module,
 
 
 # ------------------------------------------------------ window attention
+def _attend_windows(w_msa: nn.Module,
+                    windows: Tensor,
+                    weights,
+                    dt: torch.dtype,
+                    out: Optional[Tensor] = None) -> Tensor:
+    """``w_msa`` on (n, N, C) ``windows``: qkv, ``w_msa.attend``, proj, with.
+
+    the weights already in ``dt``. Returns (n * N, C) rows in ``dt``.
+    """
+    (w_qkv, b_qkv), (w_proj, b_proj) = weights
+    n, N, C = windows.shape
+    heads = w_msa.num_heads
+    qkv = _addmm(windows.reshape(n * N, C).to(dt), w_qkv, b_qkv)
+    q, k, v = qkv.view(n, N, 3, heads, C // heads).permute(2, 0, 3, 1,
+                                                           4).unbind(0)
+    a = w_msa.attend(q, k, v)
+    return _addmm(a.transpose(1, 2).reshape(n * N, C), w_proj, b_proj, out)
+
+
+def _msa_weights(w_msa: nn.Module, dt: torch.dtype):
+    return (_cast(w_msa.qkv.weight, w_msa.qkv.bias,
+                  dt), _cast(w_msa.proj.weight, w_msa.proj.bias, dt))
+
+
 def window_msa_chunked(w_msa: nn.Module, windows: Tensor,
                        window_tokens: int) -> Optional[Tensor]:
     """``w_msa(windows)`` at inference, a group of windows at a time.
@@ -387,8 +411,9 @@ def window_msa_chunked(w_msa: nn.Module, windows: Tensor,
     1.03x on the whole model, fp32). Runs when: :func:`plain` ``(w_msa)``, CPU,
     no autograd, :func:`_linear_dtype` knows the linears' dtype (as in
     :func:`norm_ffn_chunked`), more than one chunk. The attention itself is
-    ``w_msa.attend``, as in the module's forward. Returns None otherwise.
-    Gate: ``test_fast_paths_equal_module_calls``.
+    ``w_msa.attend``, as in the module's forward. Where the whole half block
+    can be chunked, :func:`norm_attn_chunked` runs instead. Returns None
+    otherwise. Gate: ``test_fast_paths_equal_module_calls``.
     """
     step = chunk_rows(windows)
     if step is None:
@@ -396,45 +421,63 @@ def window_msa_chunked(w_msa: nn.Module, windows: Tensor,
     step = max(1, step // window_tokens)
     if windows.shape[0] <= step or not plain(w_msa):
         return None
-    qkv_l, proj = w_msa.qkv, w_msa.proj
-    dt = _linear_dtype(windows, qkv_l, proj)
+    dt = _linear_dtype(windows, w_msa.qkv, w_msa.proj)
     if dt is None:
         return None
-    w_qkv, b_qkv = _cast(qkv_l.weight, qkv_l.bias, dt)
-    w_proj, b_proj = _cast(proj.weight, proj.bias, dt)
+    weights = _msa_weights(w_msa, dt)
     B, N, C = windows.shape
-    heads = w_msa.num_heads
     out = windows.new_empty(windows.shape, dtype=dt)
     for start in range(0, B, step):
-        t, o = windows[start:start + step], out[start:start + step]
-        b = t.shape[0]
-        qkv = _addmm(t.reshape(b * N, C).to(dt), w_qkv, b_qkv)
-        q, k, v = qkv.view(b, N, 3, heads, C // heads).permute(2, 0, 3, 1,
-                                                               4).unbind(0)
-        a = w_msa.attend(q, k, v)
-        _addmm(
-            a.transpose(1, 2).reshape(b * N, C),
-            w_proj,
-            b_proj,
-            out=o.view(-1, C))
+        o = out[start:start + step]
+        _attend_windows(w_msa, windows[start:start + step], weights, dt,
+                        o.view(-1, C))
     return out
 
 
 # ----------------------------------------------------- channel attention
-def channel_attn_t(attn: nn.Module, x: Tensor) -> Optional[Tensor]:
-    """Channel attention at inference, one image at a time, transposed.
+def _attend_channels(attn: nn.Module,
+                     image: Tensor,
+                     weights,
+                     dt: torch.dtype,
+                     out: Optional[Tensor] = None) -> Tensor:
+    """Channel attention of one image's (N, C) tokens, transposed.
 
-    Per image, ``qkv^T = W x^T + b`` is one (3C, N) GEMM whose rows are q, k
-    and v of each head as plain (d, N) matrices: the attention's bmm read
-    them in place, where the token-major q/k/v of the module calls are
-    copied by each matmul; and the image's q/k/v stay in cache. The proj
-    reads the (C, N) result as a transposed operand. Measured on DaViT-T's
-    stages, batch 8: fp32 1.0-1.2x, bf16 autocast 1.2-3.4x faster than the
-    module calls. Runs when: :func:`plain` ``(attn.qkv, attn.proj)``, CPU, no
-    autograd, :func:`_linear_dtype` knows the linears' dtype (under autocast
-    the GEMMs, the scaling and the softmax run in the autocast dtype, as in
-    the module calls). Returns None otherwise.
-    Gate: ``test_fast_paths_equal_module_calls``.
+    ``qkv^T = W x^T + b`` is one (3C, N) GEMM whose rows are q, k and v of
+    each head as plain (d, N) matrices: the attention's bmm read them in
+    place (the token-major q/k/v of the module calls are copied by each
+    matmul), and the image's q/k/v stay in cache. The proj reads the (C, N)
+    result as a transposed operand. Returns (N, C) in ``dt``.
+    """
+    (w_qkv, b_qkv), (w_proj, b_proj) = weights
+    N, C = image.shape
+    heads = attn.num_heads
+    image = image.to(dt)
+    if b_qkv is None:
+        qkv = torch.mm(w_qkv, image.t())
+    else:
+        qkv = torch.addmm(b_qkv[:, None], w_qkv, image.t())
+    q, k, v = qkv.view(3, heads, C // heads, N).unbind(0)
+    if attn.v2:  # Florence-2's: softmax(q^T k / sqrt(N)) mixes v
+        logits = torch.bmm(q * N**-0.5, k.transpose(1, 2))
+        mixed = torch.bmm(logits.softmax(dim=-1), v)
+    else:
+        # k scaled first, as the module path (and mmpretrain) does.
+        logits = torch.bmm(k * attn.scale, v.transpose(1, 2))
+        mixed = torch.bmm(logits.softmax(dim=-1), q)  # q's channels
+    return _addmm(mixed.view(C, N).t(), w_proj, b_proj, out)
+
+
+def channel_attn_t(attn: nn.Module, x: Tensor) -> Optional[Tensor]:
+    """Channel attention at inference, one image at a time, transposed (see
+    :func:`_attend_channels`).
+
+    Measured on DaViT-T's stages, batch 8: fp32 1.0-1.2x, bf16 autocast
+    1.2-3.4x faster than the module calls. Runs when: :func:`plain`
+    ``(attn.qkv, attn.proj)``, CPU, no autograd, :func:`_linear_dtype` knows
+    the linears' dtype (under autocast the GEMMs, the scaling and the softmax
+    run in the autocast dtype, as in the module calls). Where the whole half
+    block can be chunked, :func:`norm_attn_chunked` runs instead. Returns
+    None otherwise. Gate: ``test_fast_paths_equal_module_calls``.
     """
     if x.device.type != 'cpu' or torch.is_grad_enabled() or \
             not plain(attn.qkv, attn.proj):
@@ -442,28 +485,77 @@ def channel_attn_t(attn: nn.Module, x: Tensor) -> Optional[Tensor]:
     dt = _linear_dtype(x, attn.qkv, attn.proj)
     if dt is None:
         return None
-    w_qkv, b_qkv = _cast(attn.qkv.weight, attn.qkv.bias, dt)
-    w_proj, b_proj = _cast(attn.proj.weight, attn.proj.bias, dt)
-    if b_qkv is not None:
-        b_qkv = b_qkv[:, None]
+    weights = _msa_weights(attn, dt)
     B, H, W, C = x.shape
-    N, heads = H * W, attn.num_heads
-    d = C // heads
-    images = x.reshape(B, N, C)
-    out = x.new_empty((B, N, C), dtype=dt)
+    images = x.reshape(B, H * W, C)
+    out = x.new_empty((B, H * W, C), dtype=dt)
     for i in range(B):
-        image = images[i].to(dt)
-        if b_qkv is None:
-            qkv = torch.mm(w_qkv, image.t())
-        else:
-            qkv = torch.addmm(b_qkv, w_qkv, image.t())
-        q, k, v = qkv.view(3, heads, d, N).unbind(0)
-        if attn.v2:  # Florence-2's: softmax(q^T k / sqrt(N)) mixes v
-            logits = torch.bmm(q * N**-0.5, k.transpose(1, 2))
-            mixed = torch.bmm(logits.softmax(dim=-1), v)
-        else:
-            # k scaled first, as the module path (and mmpretrain) does.
-            logits = torch.bmm(k * attn.scale, v.transpose(1, 2))
-            mixed = torch.bmm(logits.softmax(dim=-1), q)  # q's channels
-        _addmm(mixed.view(C, N).t(), w_proj, b_proj, out=out[i])
+        _attend_channels(attn, images[i], weights, dt, out[i])
     return out.view(B, H, W, C)
+
+
+# ------------------------------------------------ norm + attention + residual
+def norm_attn_chunked(norm: nn.LayerNorm, attn: nn.Module,
+                      x: Tensor) -> Optional[Tensor]:
+    """``x + attn(norm(x))`` at inference, a cache-sized piece at a time.
+
+    Window attention: a band of whole windows (``window_size`` rows of the
+    map: contiguous in the (B, H, W, C) layout) is normalised, split into
+    windows, attended and added to its residual while in cache. Channel
+    attention: one image at a time (its attention spans the image). The
+    module calls instead write the whole map 4-5 times (norm, windows,
+    attention, merged windows, sum). Runs when: :func:`plain` ``(norm,
+    attn)``, CPU, no autograd, :func:`_linear_dtype` knows the linears'
+    dtype, and for window attention the map is a whole number of windows (no
+    padding; otherwise the module calls run, with their own fast paths).
+    Returns None otherwise. Gate: ``test_fast_paths_equal_module_calls``.
+    """
+    step = chunk_rows(x)
+    if step is None or not plain(norm, attn):
+        return None
+    kind = type(attn).__name__
+    if kind == 'ChannelAttention':
+        inner = attn
+    elif kind == 'WindowAttention':
+        inner = attn.w_msa
+    else:
+        return None
+    dt = _linear_dtype(x, inner.qkv, inner.proj)
+    if dt is None:
+        return None
+    weights = _msa_weights(inner, dt)
+    B, H, W, C = x.shape
+    out = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, dt))
+
+    def normed(t: Tensor) -> Tensor:
+        return F.layer_norm(t, norm.normalized_shape, norm.weight, norm.bias,
+                            norm.eps)
+
+    if kind == 'ChannelAttention':
+        for i in range(B):
+            branch = _attend_channels(attn,
+                                      normed(x[i]).view(H * W, C), weights, dt)
+            torch.add(x[i], branch.view(H, W, C), out=out[i])
+        return out
+    wh = ww = attn.window_size
+    if not attn.pad_small_map:
+        wh, ww = min(wh, H), min(ww, W)
+    if H % wh or W % ww:
+        return None
+    nw = W // ww
+    bands = x.view(B * (H // wh), wh, W, C)
+    out_bands = out.view(bands.shape)
+    per_chunk = max(1, step // (wh * W))
+    for i in range(0, bands.shape[0], per_chunk):
+        t = bands[i:i + per_chunk]
+        n = t.shape[0]
+        windows = normed(t).view(n, wh, nw, ww,
+                                 C).transpose(1,
+                                              2).reshape(n * nw, wh * ww, C)
+        branch = _attend_windows(attn.w_msa, windows, weights, dt)
+        branch = branch.view(n, nw, wh, ww, C).transpose(1, 2)
+        torch.add(
+            t.view(n, wh, nw, ww, C),
+            branch,
+            out=out_bands[i:i + per_chunk].view(n, wh, nw, ww, C))
+    return out
