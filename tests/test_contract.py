@@ -242,15 +242,55 @@ def test_cpe_fold_equals_module_call():
         assert cpe(x).dtype == torch.float32
 
 
+@pytest.mark.parametrize('bias', [True, False])
+def test_linear_function_equals_f_linear(bias):
+    """LinearFunction (the attention linears' fp32 CPU training path) gives
+    F.linear's output and gradients: 4100 rows (weight gradient summed over
+    three chunks), a non-contiguous input, with and without bias, and only some
+    inputs needing a gradient.
+
+    fast_paths.linear is the module call wherever a hook is registered.
+    """
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 40, bias=bias)
+    x = torch.randn(4100, 48)[:, ::2].requires_grad_()
+    grad = torch.randn(4100, 40)
+    expected = torch.autograd.grad(layer(x), [x, *layer.parameters()], grad)
+    got = torch.autograd.grad(
+        fast_paths.LinearFunction.apply(x, layer.weight, layer.bias),
+        [x, *layer.parameters()], grad)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    (gw, ) = torch.autograd.grad(
+        fast_paths.LinearFunction.apply(x.detach(), layer.weight, layer.bias),
+        [layer.weight], grad)
+    torch.testing.assert_close(gw, expected[1], rtol=1e-5, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fast_paths.linear(layer, x), layer(x), rtol=1e-5, atol=1e-5)
+    calls = []
+    layer.register_forward_hook(lambda *args: calls.append(1))
+    fast_paths.linear(layer, x)
+    assert calls == [1]
+
+
 def test_double_backward_raises_not_silently_wrong():
-    """The training FFN's backward is once_differentiable: asking for a second
-    derivative raises instead of returning a wrong one."""
+    """The training FFN's and the fp32 linears' backward are
+    once_differentiable: asking for a second derivative raises instead of
+    returning a wrong one."""
     model = small_model().train()
     ffn_in = torch.randn(2, 3, 3, 16, requires_grad=True)
     block = model.stages[0].blocks[0].spatial_block
     out = fast_paths.norm_ffn_saving(block.norm2, block.ffn, ffn_in)
     assert out is not None
     (g, ) = torch.autograd.grad(out.square().sum(), ffn_in, create_graph=True)
+    with pytest.raises(RuntimeError, match='once_differentiable'):
+        g.sum().backward()
+    lin = block.attn.w_msa.qkv
+    (g, ) = torch.autograd.grad(
+        fast_paths.linear(lin, ffn_in).square().sum(),
+        ffn_in,
+        create_graph=True)
     with pytest.raises(RuntimeError, match='once_differentiable'):
         g.sum().backward()
     # The whole model: raises too (also SDPA has no double backward on CPU).

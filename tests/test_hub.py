@@ -310,13 +310,14 @@ def test_inference_model_by_name_outside_the_repo(assets, oracle, http_server):
                                     pretrained=source, device='cpu')
                 r['pred_scores'] = r['pred_scores'].tolist()
                 out[name + ' ' + source[:4]] = r
-        print(json.dumps(out))
+        print('RESULT', json.dumps(out))
     '''
-    out = json.loads(
-        run_python(
-            code,
-            cwd=str(assets['root']),
-            env=dict(TORCH_HOME=str(assets['root'] / 'torch_home'))))
+    stdout = run_python(
+        code,
+        cwd=str(assets['root']),
+        env=dict(TORCH_HOME=str(assets['root'] / 'torch_home')))
+    # mmpretrain's inferencer may print a progress bar on the same stream.
+    out = json.loads(stdout[stdout.index('RESULT ') + len('RESULT '):])
     assert len(out) == 4
     for key, result in out.items():
         assert set(result) == {

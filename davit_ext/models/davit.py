@@ -156,11 +156,13 @@ class WindowMSA(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x``: (num_windows * B, N, C) -> same shape."""
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads,
-                                   C // self.num_heads).permute(2, 0, 3, 1,
-                                                                4).unbind(0)
+        # fast_paths.linear(layer, x) is layer(x) (fp32 CPU: oneDNN GEMMs).
+        qkv = fast_paths.linear(self.qkv, x)
+        q, k, v = qkv.view(B, N, 3, self.num_heads,
+                           C // self.num_heads).permute(2, 0, 3, 1,
+                                                        4).unbind(0)
         x = self.attend(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return fast_paths.linear(self.proj, x.transpose(1, 2).reshape(B, N, C))
 
     @staticmethod
     def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -269,7 +271,9 @@ class ChannelAttention(nn.Module):
             return out
         B, H, W, C = x.shape
         N, heads = H * W, self.num_heads
-        qkv = self.qkv(x.reshape(B, N, C)).view(B, N, 3, heads, C // heads)
+        # fast_paths.linear(layer, x) is layer(x) (fp32 CPU: oneDNN GEMMs).
+        qkv = fast_paths.linear(self.qkv, x.reshape(B, N, C))
+        qkv = qkv.view(B, N, 3, heads, C // heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, d)
         if self.v2:
             # The scale follows the token count: the (d x d) logits are sums
@@ -281,7 +285,7 @@ class ChannelAttention(nn.Module):
             x = attn @ q.transpose(-1, -2)  # q's channels mixed
         # x: (B, heads, d, N)
         x = x.permute(0, 3, 1, 2).reshape(B, N, C)
-        return self.proj(x).view(B, H, W, C)
+        return fast_paths.linear(self.proj, x).view(B, H, W, C)
 
 
 class AttentionBlock(nn.Module):
