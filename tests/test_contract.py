@@ -242,8 +242,9 @@ def test_cpe_fold_equals_module_call():
         assert cpe(x).dtype == torch.float32
 
 
+@pytest.mark.parametrize('onednn', [True, False])
 @pytest.mark.parametrize('bias', [True, False])
-def test_linear_function_equals_f_linear(bias):
+def test_linear_function_equals_f_linear(bias, onednn, monkeypatch):
     """LinearFunction (the attention linears' fp32 CPU training path) gives
     F.linear's output and gradients: 4100 rows (weight gradient summed over
     three chunks), a non-contiguous input, with and without bias, and only some
@@ -272,6 +273,30 @@ def test_linear_function_equals_f_linear(bias):
     layer.register_forward_hook(lambda *args: calls.append(1))
     fast_paths.linear(layer, x)
     assert calls == [1]
+
+
+def test_fast_paths_without_onednn_equal_module_calls(monkeypatch):
+    """DAVIT_EXT_ONEDNN=0 (or a PyTorch without oneDNN): the fast paths run
+    with addmm and still equal the module calls, in inference and training."""
+    monkeypatch.setattr(fast_paths, 'ONEDNN_LINEAR', None)
+    model = small_model()
+    x = torch.randn(2, 3, 112, 112)
+    results = []
+    for fast in (True, False):
+        if not fast:
+            module_calls_only(monkeypatch)
+        with torch.no_grad():
+            infer = model.eval()(x)
+        outs = model.train()(x)
+        model.zero_grad()
+        sum(o.square().sum() for o in outs).backward()
+        results.append(
+            (infer + outs, [p.grad.clone() for p in model.parameters()]))
+    (outs_f, grads_f), (outs_m, grads_m) = results
+    for a, b in zip(outs_f, outs_m):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_f, grads_m):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-6
 
 
 def test_double_backward_raises_not_silently_wrong():

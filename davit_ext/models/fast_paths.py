@@ -43,6 +43,7 @@ in fp32 and under bf16 autocast; under autocast, where two bf16 sums in
 another order differ by a few bf16 steps, the outputs must also be as close
 to the fp32 forward as the module calls' are).
 """
+import os
 from typing import Optional
 
 import torch
@@ -162,6 +163,8 @@ def _addmm(x: Tensor,
 
 
 def _find_onednn_linear():
+    if os.environ.get('DAVIT_EXT_ONEDNN', '1') == '0':
+        return None  # opted out: the fast paths call addmm (MKL/BLAS)
     try:
         if torch.backends.mkldnn.is_available():
             return torch.ops.mkldnn._linear_pointwise
@@ -174,7 +177,8 @@ def _find_onednn_linear():
 # fp32 matmuls call MKL, which on AMD CPUs does not use their AVX-512 units:
 # on an AMD EPYC (Zen 5) the oneDNN GEMMs of DaViT-T's linears ran 2.1-2.3x
 # faster (same fp32 arithmetic; half precision already goes through oneDNN).
-# None where PyTorch has no oneDNN: then the fast paths call addmm.
+# None where PyTorch has no oneDNN, or with DAVIT_EXT_ONEDNN=0 in the
+# environment: then the fast paths call addmm.
 ONEDNN_LINEAR = _find_onednn_linear()
 
 
@@ -196,10 +200,26 @@ def _linear(x: Tensor,
     return _addmm(x, weight, bias)
 
 
+def _linear_into(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                 out: Tensor) -> Tensor:
+    """:func:`_linear` written into ``out`` (addmm writes there itself)."""
+    if _onednn(x, weight):
+        return out.copy_(ONEDNN_LINEAR(x, weight, bias, 'none', [], ''))
+    return _addmm(x, weight, bias, out=out)
+
+
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` of 2-D tensors (gradients of a linear): fp32 on CPU through
+    oneDNN, which reads transposed operands in place."""
+    if _onednn(a, b):
+        return ONEDNN_LINEAR(a, b.t(), None, 'none', [], '')
+    return torch.mm(a, b)
+
+
 def _weight_grad(grad: Tensor, x: Tensor) -> Tensor:
-    """``grad^T @ x``, the weight gradient of a linear (2-D, few thousand
-    rows: oneDNN reads the transposed operands in place)."""
-    return _linear(grad.t(), x.t())
+    """``grad^T @ x``, the weight gradient of a linear (a few thousand rows
+    at a time: oneDNN is slow on one very long reduction)."""
+    return _mm(grad.t(), x)
 
 
 class LinearFunction(torch.autograd.Function):
@@ -228,7 +248,7 @@ class LinearFunction(torch.autograd.Function):
         grad = grad.reshape(-1, weight.shape[0])
         grad_x = grad_w = grad_b = None
         if need[0]:
-            grad_x = _linear(grad, weight.t().contiguous()).view(x.shape)
+            grad_x = _mm(grad, weight).view(x.shape)
         if need[1]:
             rows = x.reshape(-1, x.shape[-1])
             grad_w = torch.zeros_like(weight)
@@ -334,8 +354,8 @@ class NormFFNFunction(torch.autograd.Function):
                                                     norm_weight, norm_bias,
                                                     eps)
             stats[0, i:j], stats[1, i:j] = mean, rstd
-            h[i:j] = _linear(y.to(dtype), w1c, b1c)
-            out[i:j] = _linear(F.gelu(h[i:j]), w2c, b2c)
+            _linear_into(y.to(dtype), w1c, b1c, h[i:j])
+            _linear_into(F.gelu(h[i:j]), w2c, b2c, out[i:j])
         ctx.save_for_backward(x, stats, norm_weight, norm_bias, w1, h, w2)
         ctx.eps, ctx.step = eps, step
         return out.view(x.shape[:-1] + (w2.shape[0], ))
@@ -349,8 +369,7 @@ class NormFFNFunction(torch.autograd.Function):
         rows = x.reshape(-1, C)
         M, dt = rows.shape[0], h.dtype
         grad = grad.reshape(M, -1).to(dt)
-        # (in, out) layouts: the input gradients are linears of these.
-        w1t, w2t = (w.to(dt).t().contiguous() for w in (w1, w2))
+        w1c, w2c = w1.to(dt), w2.to(dt)
 
         def total(k: int, like: Tensor) -> Optional[Tensor]:
             """fp32 sum over the chunks of input ``k``'s gradient."""
@@ -374,7 +393,7 @@ class NormFFNFunction(torch.autograd.Function):
             add_(gb2, lambda: g.sum(0))
             if not any(need[:6]):
                 continue
-            gh = torch.ops.aten.gelu_backward(_linear(g, w2t), hc)
+            gh = torch.ops.aten.gelu_backward(_mm(g, w2c), hc)
             if gw1 is not None:
                 y = torch.native_layer_norm(rows[i:j], (C, ), norm_weight,
                                             norm_bias, ctx.eps)[0]
@@ -382,9 +401,8 @@ class NormFFNFunction(torch.autograd.Function):
             add_(gb1, lambda: gh.sum(0))
             if any(need[:3]):
                 gxc, gnwc, gnbc = torch.ops.aten.native_layer_norm_backward(
-                    _linear(gh, w1t).to(x.dtype), rows[i:j], (C, ),
-                    stats[0, i:j], stats[1, i:j], norm_weight, norm_bias,
-                    list(need[:3]))
+                    _mm(gh, w1c).to(x.dtype), rows[i:j], (C, ), stats[0, i:j],
+                    stats[1, i:j], norm_weight, norm_bias, list(need[:3]))
                 if gx is not None:
                     gx[i:j] = gxc
                 add_(gnw, gnwc)

@@ -330,19 +330,28 @@ BF16_FLAGS = ('avx512_bf16', 'amx_bf16')
 
 
 def cpu_model_and_flags() -> (str, List[str]):
-    """CPU model name and which of ``CPU_FLAGS`` /proc/cpuinfo lists."""
-    cpu, flags = platform.processor() or platform.machine(), set()
+    """CPU model name (with vendor, family and model numbers where.
+
+    /proc/cpuinfo gives them: "AMD EPYC" alone does not say which generation)
+    and which of ``CPU_FLAGS`` it lists.
+    """
+    cpu, flags, ids = platform.processor() or platform.machine(), set(), {}
     try:
         with open('/proc/cpuinfo') as f:
             for line in f:
                 key, _, value = line.partition(':')
-                if key.strip() == 'model name' and not flags:
+                key = key.strip()
+                if key == 'model name' and not flags:
                     cpu = value.strip()
-                elif key.strip() == 'flags':
+                elif key in ('vendor_id', 'cpu family', 'model'):
+                    ids.setdefault(key, value.strip())
+                elif key == 'flags':
                     flags = set(value.split())
                     break
     except OSError:
         pass
+    if ids:
+        cpu += ' (' + ', '.join(f'{k} {v}' for k, v in ids.items()) + ')'
     return cpu, [f for f in CPU_FLAGS if f in flags]
 
 
@@ -357,6 +366,9 @@ def machine_info(args) -> Dict:
         torch=torch.__version__,
         python=platform.python_version(),
         date=datetime.datetime.now().isoformat(timespec='seconds'))
+    from davit_ext.models import fast_paths
+    info['ours_fp32_gemm'] = 'oneDNN' if fast_paths.ONEDNN_LINEAR else \
+        'addmm (MKL/BLAS, as the peers)'
     for mod in ('mmpretrain', 'timm', 'mmengine'):
         try:
             info[mod] = __import__(mod).__version__
@@ -755,6 +767,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     if device.type == 'cpu':
         print(f"CPU: {meta['cpu']}; flags: {' '.join(meta['cpu_flags'])}; "
               'bf16 instructions: ' + ('yes' if meta['cpu_bf16'] else 'NO'))
+        print('fp32 GEMMs of our fast paths: ' + meta['ours_fp32_gemm'])
         if args.dtype == 'bf16' and not meta['cpu_bf16']:
             notes.append(
                 'this CPU has no bf16 instructions (no avx512_bf16 or '
