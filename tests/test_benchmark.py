@@ -120,3 +120,22 @@ def test_memory_figure_counts_activations(result):
 def test_bad_arch_is_a_clear_error():
     with pytest.raises(SystemExit, match='--arch'):
         load_tool().main(['--arch', 'nope'])
+
+
+def test_gemm_bench_runs_and_checks_both_gemms(capsys):
+    """tools/analysis_tools/gemm_bench.py: addmm and oneDNN agree on every
+    GEMM of a linear's training step (the tool asserts it) and it reports
+    each one's GFLOP/s."""
+    import torch
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip('this PyTorch has no oneDNN')
+    path = osp.join(ROOT, 'tools', 'analysis_tools', 'gemm_bench.py')
+    spec = importlib.util.spec_from_file_location('davit_gemm_bench', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(['--arch', TINY, '--rows', '64', '--iters', '1'])
+    # 4 stages x 4 linears x (forward, grad_x, grad_w)
+    assert len(rows) == 48
+    assert {r['gemm'] for r in rows} == {'forward', 'grad_x', 'grad_w'}
+    assert all(r['addmm_gflops'] > 0 and r['onednn_gflops'] > 0 for r in rows)
+    assert 'oneDNN / addmm: median' in capsys.readouterr().out

@@ -16,7 +16,9 @@ quantized layers and autocast see what they expect). Where
 :func:`fast_paths.plain` proves that nothing could tell the difference (exact
 layer classes, no hooks, no parametrization, not traced or compiled), a CPU
 fast path from :mod:`davit_ext.models.fast_paths` computes the same values
-with fewer passes over memory; each call site names it.
+with fewer passes over memory or a faster GEMM; each call site names it
+(``fast_paths.linear(self.qkv, x)`` is ``self.qkv(x)``, with oneDNN's GEMMs
+in fp32 on CPU).
 
 Input sizes: any ``H, W`` runs. Feature maps are ``ceil(H / 4)`` then halved
 with ceil at each stage, as in the original model: an odd map is padded
