@@ -517,9 +517,15 @@ def _attend_windows(w_msa: nn.Module,
     return out_rows if out is None else out.copy_(out_rows)
 
 
-def _msa_weights(w_msa: nn.Module, dt: torch.dtype):
-    return (_cast(w_msa.qkv.weight, w_msa.qkv.bias,
-                  dt), _cast(w_msa.proj.weight, w_msa.proj.bias, dt))
+def _attn_weights(attn: nn.Module, x: Tensor):
+    """``(dtype, ((w_qkv, b_qkv), (w_proj, b_proj)))`` for ``attn``'s qkv and
+    proj linears applied to ``x``, in the dtype :func:`_linear_dtype` gives;
+    None where it gives none."""
+    dt = _linear_dtype(x, attn.qkv, attn.proj)
+    if dt is None:
+        return None
+    qkv = _cast(attn.qkv.weight, attn.qkv.bias, dt)
+    return dt, (qkv, _cast(attn.proj.weight, attn.proj.bias, dt))
 
 
 def window_msa_chunked(w_msa: nn.Module, windows: Tensor,
@@ -540,10 +546,10 @@ def window_msa_chunked(w_msa: nn.Module, windows: Tensor,
     step = max(1, step // window_tokens)
     if windows.shape[0] <= step or not plain(w_msa):
         return None
-    dt = _linear_dtype(windows, w_msa.qkv, w_msa.proj)
-    if dt is None:
+    setup = _attn_weights(w_msa, windows)
+    if setup is None:
         return None
-    weights = _msa_weights(w_msa, dt)
+    dt, weights = setup
     B, N, C = windows.shape
     out = windows.new_empty(windows.shape, dtype=dt)
     for start in range(0, B, step):
@@ -606,10 +612,10 @@ def channel_attn_t(attn: nn.Module, x: Tensor) -> Optional[Tensor]:
     if x.device.type != 'cpu' or torch.is_grad_enabled() or \
             not plain(attn.qkv, attn.proj):
         return None
-    dt = _linear_dtype(x, attn.qkv, attn.proj)
-    if dt is None:
+    setup = _attn_weights(attn, x)
+    if setup is None:
         return None
-    weights = _msa_weights(attn, dt)
+    dt, weights = setup
     B, H, W, C = x.shape
     images = x.reshape(B, H * W, C)
     out = x.new_empty((B, H * W, C), dtype=dt)
@@ -644,10 +650,10 @@ def norm_attn_chunked(norm: nn.LayerNorm, attn: nn.Module,
         inner = attn.w_msa
     else:
         return None
-    dt = _linear_dtype(x, inner.qkv, inner.proj)
-    if dt is None:
+    setup = _attn_weights(inner, x)
+    if setup is None:
         return None
-    weights = _msa_weights(inner, dt)
+    dt, weights = setup
     B, H, W, C = x.shape
     out = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, dt))
 
