@@ -175,8 +175,10 @@ def _find_onednn_linear():
 
 # oneDNN's fp32 GEMM (the one inductor's CPU code calls). PyTorch's eager
 # fp32 matmuls call MKL, which on AMD CPUs does not use their AVX-512 units:
-# on an AMD EPYC (Zen 5) the oneDNN GEMMs of DaViT-T's linears ran 2.1-2.3x
-# faster (same fp32 arithmetic; half precision already goes through oneDNN).
+# on an AMD EPYC (Zen 5) the oneDNN GEMMs of DaViT-T's linears ran 1.9-2.3x
+# faster in forward and input gradient, 0.9-1.8x in weight gradient
+# (tools/analysis_tools/gemm_bench.py; same fp32 arithmetic; half precision
+# already goes through oneDNN).
 # None where PyTorch has no oneDNN, or with DAVIT_EXT_ONEDNN=0 in the
 # environment: then the fast paths call addmm.
 ONEDNN_LINEAR = _find_onednn_linear()
@@ -322,9 +324,10 @@ class NormFFNFunction(torch.autograd.Function):
     ``gelu(h)`` (fc2): 10C values per token; this keeps 5C. The norm's output
     and ``gelu(h)`` are recomputed in backward, one chunk of rows at a time:
     there the 4C-wide temporaries of a chunk stay in cache and are never a
-    whole-batch tensor (measured on DaViT-T's first stage, batch 16: forward
-    and backward 1.7x faster in fp32, 1.9x under bf16 autocast). On CUDA
-    ``step`` covers all rows: one chunk.
+    whole-batch tensor (measured alone on DaViT-T's first stage, batch 16:
+    forward and backward 1.7x faster in fp32, 1.9x under bf16 autocast; in a
+    whole bf16 training step a few percent). On CUDA ``step`` covers all
+    rows: one chunk.
 
     The linears run in ``dtype``, the dtype ``nn.Linear`` would compute in
     (the autocast dtype under autocast; :func:`_linear_dtype`), with the
@@ -461,9 +464,10 @@ def norm_ffn_chunked(norm: nn.LayerNorm, ffn: nn.Module,
     (measured on the first stage of DaViT-T, batch 8: fp32 2.2x faster, bf16
     autocast 3.3x). Runs when: :func:`plain` ``(norm, ffn)``, CPU, no autograd,
     and :func:`_linear_dtype` knows the linears' dtype (no autocast and
-    everything in one dtype, or CPU autocast over fp32). Under autocast the
-    chunk does what the module calls do: the norm in fp32, the linears and GELU
-    in the autocast dtype, the residual sum in fp32. Returns None otherwise.
+    everything in one dtype, or CPU autocast over fp32 weights). Under
+    autocast the chunk does what the module calls do: the norm in ``x``'s
+    dtype, the linears and GELU in the autocast dtype, the residual sum in
+    the dtype the module calls' sum has. Returns None otherwise.
     Gate: ``test_fast_paths_equal_module_calls``.
     """
     step = chunk_rows(x)
@@ -502,9 +506,9 @@ def _attend_windows(w_msa: nn.Module,
                     weights,
                     dt: torch.dtype,
                     out: Optional[Tensor] = None) -> Tensor:
-    """``w_msa`` on (n, N, C) ``windows``: qkv, ``w_msa.attend``, proj, with.
+    """``w_msa`` on (n, N, C) ``windows`` (qkv, ``w_msa.attend``, proj).
 
-    the weights already in ``dt``. Returns (n * N, C) rows in ``dt``.
+    ``weights`` are already in ``dt``. Returns (n * N, C) rows in ``dt``.
     """
     (w_qkv, b_qkv), (w_proj, b_proj) = weights
     n, N, C = windows.shape
