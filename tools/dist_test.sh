@@ -7,16 +7,7 @@
 # CHECKPOINT is a path or an http(s) URL. Multi-node: see tools/dist_train.sh.
 set -e
 
-# Counts that are not whole numbers fail much later (a traceback or
-# a bare AssertionError): refuse them here with one line.
-need_int() {  # NAME VALUE MIN HINT
-  case "$2" in
-    '' | *[!0-9]*) ;;
-    *) [ "$2" -ge "$3" ] && return 0 ;;
-  esac
-  echo "error: $1 must be a whole number >= $3$4; got '$2'." >&2
-  exit 2
-}
+. "$(dirname "$0")/launch_checks.sh"  # need_int
 
 if [ $# -lt 3 ]; then
   echo "usage: bash $0 CONFIG CHECKPOINT GPUS [tools/test.py options]" >&2

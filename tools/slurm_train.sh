@@ -8,16 +8,7 @@
 #          configs/davit/davit-tiny_4xb256_in1k.py work_dirs/davit-t
 set -e
 
-# Counts that are not whole numbers fail much later (a traceback or
-# a bare AssertionError): refuse them here with one line.
-need_int() {  # NAME VALUE MIN HINT
-  case "$2" in
-    '' | *[!0-9]*) ;;
-    *) [ "$2" -ge "$3" ] && return 0 ;;
-  esac
-  echo "error: $1 must be a whole number >= $3$4; got '$2'." >&2
-  exit 2
-}
+. "$(dirname "$0")/launch_checks.sh"  # need_int
 
 if [ $# -lt 3 ]; then
   echo "usage: bash $0 PARTITION JOB_NAME CONFIG [WORK_DIR] [options]" >&2
