@@ -77,6 +77,20 @@ class CfgOptionsAction(DictAction):
 # --------------------------------------------------------------------------
 
 
+def merge_cfg_options(cfg, options, config_path: str) -> None:
+    """Apply ``--cfg-options`` (parsed by :class:`CfgOptionsAction`) to
+    ``cfg``; a KEY path that does not fit the config raises one
+    :class:`ConfigError`."""
+    if options is None:
+        return
+    try:
+        cfg.merge_from_dict(options)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ConfigError(
+            f'--cfg-options cannot be applied to {config_path}: '
+            f'{err}. Check the KEY paths against the config.') from None
+
+
 def load_config(path: str, loader: Optional[Callable[[str], Any]] = None):
     """Read a config file; a mistake in it raises one :class:`ConfigError`.
 

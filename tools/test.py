@@ -94,6 +94,7 @@ def merge_args(cfg, args):
     from mmengine.config import ConfigDict
 
     from davit_ext.preflight import ConfigError
+    from davit_ext.startup import merge_cfg_options
 
     cfg.launcher = args.launcher
     if args.work_dir is not None:
@@ -131,13 +132,7 @@ def merge_args(cfg, args):
             loader['pin_memory'] = False
         cfg.test_dataloader = loader
 
-    if args.cfg_options is not None:
-        try:
-            cfg.merge_from_dict(args.cfg_options)
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ConfigError(
-                f'--cfg-options cannot be applied to {args.config}: '
-                f'{err}. Check the KEY paths against the config.') from None
+    merge_cfg_options(cfg, args.cfg_options, args.config)
     return cfg
 
 

@@ -104,6 +104,7 @@ def merge_args(cfg, args):
     from mmengine.config import ConfigDict
 
     from davit_ext.preflight import ConfigError
+    from davit_ext.startup import merge_cfg_options
 
     if args.no_validate:
         cfg.val_cfg = None
@@ -159,13 +160,7 @@ def merge_args(cfg, args):
             loader['persistent_workers'] = False
         cfg[field] = loader
 
-    if args.cfg_options is not None:
-        try:
-            cfg.merge_from_dict(args.cfg_options)
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ConfigError(
-                f'--cfg-options cannot be applied to {args.config}: '
-                f'{err}. Check the KEY paths against the config.') from None
+    merge_cfg_options(cfg, args.cfg_options, args.config)
 
     # Saves/restores the random generators so that resuming is exact.
     hooks = list(cfg.get('custom_hooks', None) or [])
