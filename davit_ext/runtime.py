@@ -135,3 +135,14 @@ def init_distributed(launcher: str, dist_cfg: dict) -> None:
         raise LauncherError(f'unknown launcher {launcher!r}: use one of '
                             f'none, pytorch, slurm, mpi.')
     torch_dist.init_process_group(backend=backend, **kwargs)
+
+
+def close_distributed() -> None:
+    """Destroy the process group, if one was started, before the process exits.
+
+    Left to interpreter shutdown, gloo's threads were sometimes torn down while
+    still joinable: the run finished its work, then died with ``terminate
+    called without an active exception`` (SIGABRT, exit -6).
+    """
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()

@@ -212,4 +212,8 @@ def _test(args):
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    finally:
+        from davit_ext import runtime
+        runtime.close_distributed()

@@ -250,4 +250,8 @@ def _train(args):
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    finally:
+        from davit_ext import runtime
+        runtime.close_distributed()
