@@ -59,3 +59,21 @@ def call(capsys, monkeypatch):
         return code, out, err
 
     return run
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """An offline machine: every download fails as without network, and
+    torch.hub's folder is ``tmp_path`` (empty).
+
+    Returns ``tmp_path``.
+    """
+    import urllib.error
+    import urllib.request
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError('Name or service not known')
+
+    monkeypatch.setattr(urllib.request, 'urlopen', refuse)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
+    return tmp_path

@@ -417,20 +417,12 @@ def test_sha256_from_our_model_index(monkeypatch, http_dir, tmp_path):
         C.load_checkpoint_file(url, cache_dir=str(tmp_path / 'c'))
 
 
-def test_get_model_pretrained_true_keeps_a_users_mismatching_file(
-        monkeypatch, tmp_path):
+def test_get_model_pretrained_true_keeps_a_users_mismatching_file(offline_hub):
     """Offline, the advice is to copy the file into the cache; a wrong copy is
     refused with what to do and stays where the user put it."""
-    import urllib.error
-    import urllib.request
-
     from mmpretrain import get_model
 
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError('Name or service not known')
-
-    monkeypatch.setattr(urllib.request, 'urlopen', offline)
-    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
+    tmp_path = offline_hub
     name = 'davit-tiny_3rdparty_in1k_20221116-700fdf7d.pth'
     users = tmp_path / 'checkpoints' / name
     users.parent.mkdir()

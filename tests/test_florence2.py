@@ -491,20 +491,11 @@ def test_fl_custom_dataset_config_builds_and_trains_a_step(tmp_path):
     assert model.backbone.patch_embed.projection.weight.grad is not None
 
 
-def test_get_model_pretrained_offline_says_how_to_convert(
-        monkeypatch, tmp_path):
-    import urllib.error
-    import urllib.request
-
+def test_get_model_pretrained_offline_says_how_to_convert(offline_hub):
     from mmpretrain import get_model
 
     from davit_ext.checkpoint import CheckpointDownloadError
 
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError('Name or service not known')
-
-    monkeypatch.setattr(urllib.request, 'urlopen', offline)
-    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
     with pytest.raises(CheckpointDownloadError) as err:
         get_model('davit-base-fl_florence2-pre_3rdparty', pretrained=True)
     msg = str(err.value)
@@ -515,5 +506,5 @@ def test_get_model_pretrained_offline_says_how_to_convert(
     assert 'fetch pytorch_model.bin from https://huggingface.co/microsoft/' \
         'Florence-2-base on another machine' in msg
     assert osp.join(
-        str(tmp_path), 'checkpoints', 'florence2',
+        str(offline_hub), 'checkpoints', 'florence2',
         'microsoft--Florence-2-base', 'pytorch_model.bin') in msg

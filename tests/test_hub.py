@@ -391,22 +391,12 @@ def test_demo_offline_download_fails_clearly(assets):
     assert 'Traceback' not in proc.stderr
 
 
-def test_get_model_pretrained_true_offline_gives_one_clear_error(
-        monkeypatch, tmp_path):
+def test_get_model_pretrained_true_offline_gives_one_clear_error(offline_hub):
     """``import davit_ext`` alone routes mmpretrain's loading through ours."""
-    import urllib.error
-    import urllib.request
-
-    import torch.hub
     from mmpretrain import get_model
 
     from davit_ext.checkpoint import CheckpointDownloadError
 
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError('Name or service not known')
-
-    monkeypatch.setattr(urllib.request, 'urlopen', offline)
-    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
     with pytest.raises(CheckpointDownloadError) as err:
         get_model('davit-tiny_3rdparty_in1k', pretrained=True)
     msg = str(err.value)
