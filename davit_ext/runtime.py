@@ -138,11 +138,21 @@ def init_distributed(launcher: str, dist_cfg: dict) -> None:
 
 
 def close_distributed() -> None:
-    """Destroy the process group, if one was started, before the process exits.
+    """End a distributed worker that has finished its work: destroy the process
+    group, flush the logs and leave with status 0 without the interpreter's
+    teardown (no-op without a process group).
 
-    Left to interpreter shutdown, gloo's threads were sometimes torn down while
-    still joinable: the run finished its work, then died with ``terminate
-    called without an active exception`` (SIGABRT, exit -6).
+    With the teardown, a CPU (gloo) worker of ``tools/dist_test.sh`` died now
+    and then after its work was done: ``terminate called without an active
+    exception`` (SIGABRT), so torchrun reported a failed run; destroying the
+    process group first did not prevent it. Call it only after success.
     """
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return
+    import logging
+    import sys
+    torch_dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

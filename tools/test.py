@@ -212,8 +212,6 @@ def _test(args):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    finally:
-        from davit_ext import runtime
-        runtime.close_distributed()
+    main()
+    from davit_ext import runtime
+    runtime.close_distributed()  # a distributed worker ends here
