@@ -414,6 +414,51 @@ def check_resume_has_work(cfg: Any, meta: Any, source: str,
 _TIMESTAMP = re.compile(r'\d{8}_\d{6}')
 
 
+def _manager_classes() -> List[type]:
+    """mmengine's ``ManagerMixin`` classes (logger, message hub, visualizers,
+    default scope), each of which keeps its own instances by name."""
+    from mmengine.utils import ManagerMixin
+    found, todo = [], [ManagerMixin]
+    while todo:
+        cls = todo.pop()
+        for sub in cls.__subclasses__():
+            if sub not in found:
+                found.append(sub)
+                todo.append(sub)
+    return found
+
+
+def _manager_instances() -> dict:
+    return {
+        cls: set(getattr(cls, '_instance_dict', ()))
+        for cls in _manager_classes()
+    }
+
+
+def _forget_instances(before: dict) -> None:
+    """Drop the named mmengine instances made since ``before``.
+
+    The runner names its logger, message hub and visualizer after the config
+    and the second it started. A failed start's visualizer would otherwise be
+    handed, with its save_dir in the folder we just removed, to the next run of
+    the same config in the same process and second (it then fails writing
+    there); its logger would keep that folder's log file open.
+    """
+    for cls in _manager_classes():
+        instances = getattr(cls, '_instance_dict', None)
+        if instances is None:
+            continue
+        for name in list(instances):
+            if name in before.get(cls, ()):
+                continue
+            instance = instances.pop(name)
+            if isinstance(instance, logging.Logger):
+                for handler in list(instance.handlers):
+                    if isinstance(handler, logging.FileHandler):
+                        handler.close()
+                        instance.removeHandler(handler)
+
+
 class WorkDirGuard:
     """Leave the work_dir as it was if the run fails before it starts.
 
@@ -423,10 +468,11 @@ class WorkDirGuard:
     empty run behind and overwrite the copy of the previous run's config.
     Used as a context manager around building and running the runner: on an
     exception before :meth:`started` is called, the folders this run made are
-    removed and the config copy is put back (rank 0 only), and a
-    ``ValueError``/``TypeError``/``KeyError``/``AssertionError`` (a config
-    value mmengine or torch refused) becomes one :class:`ConfigError` line,
-    unless the environment sets ``DAVIT_EXT_TRACEBACK=1``.
+    removed and the config copy is put back (rank 0 only), mmengine's named
+    instances made by the failed start (logger, visualizer, ...) are dropped,
+    and a ``ValueError``/``TypeError``/``KeyError``/``AssertionError`` (a
+    config value mmengine or torch refused) becomes one :class:`ConfigError`
+    line, unless the environment sets ``DAVIT_EXT_TRACEBACK=1``.
 
     Args:
         work_dir (str): The run's work_dir.
@@ -449,6 +495,7 @@ class WorkDirGuard:
                 self.copy_bytes = f.read()
         self.config_name = osp.basename(config_file or 'the config')
         self.has_started = False
+        self.instances = _manager_instances()
 
     def started(self) -> None:
         """Training/testing has begun: keep what the run writes from now."""
@@ -479,6 +526,7 @@ class WorkDirGuard:
         from davit_ext.runtime import process_rank
         if kind is None or self.has_started:
             return
+        _forget_instances(self.instances)
         if process_rank() == 0:
             self.restore()
         if issubclass(kind, USER_ERRORS) or not issubclass(kind, Exception):

@@ -8,6 +8,7 @@ import importlib.util
 import os
 import os.path as osp
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -172,12 +173,28 @@ def test_out_in_a_folder_still_to_make_is_fine(tmp_path):
     assert os.listdir(tmp_path) == []  # and nothing made by the check
 
 
+class _FrozenClock:
+    """The ``time`` module, except that the runner's timestamp never moves."""
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    @staticmethod
+    def strftime(fmt, *args):
+        return '20261125_150446' if fmt == '%Y%m%d_%H%M%S' else \
+            time.strftime(fmt, *args)
+
+
 def test_failed_start_leaves_the_work_dir_as_it_was(call, tiny, monkeypatch):
     """An error only the runner meets (torch refuses lr=-1 when the runner
     builds the optimizer, after it made its log folder and copied the
     config): one line, no new timestamp folder, the old config copy kept."""
     root, config, _ = tiny
     kept = _previous_run(root / 'F')
+    # Every start in the same second, as happens in CI: the runner names its
+    # logger and visualizer after the config and that second, and must not
+    # be handed the instances (and folders) of a start that failed.
+    monkeypatch.setattr('mmengine.runner.runner.time', _FrozenClock())
     for work, before in ((root / 'F', kept), (root / 'F2', None)):
         code, _, err = call('train', config, '--work-dir', str(work),
                             '--cfg-options', 'optim_wrapper.optimizer.lr=-1')
