@@ -141,17 +141,23 @@ def count_fast_paths(monkeypatch) -> Counter:
 
 
 @pytest.mark.parametrize('hook_norm1', [False, True])
-@pytest.mark.parametrize('dtype', [None, torch.bfloat16])
-def test_fast_paths_equal_module_calls(dtype, hook_norm1, monkeypatch):
+@pytest.mark.parametrize('dtype,channel_t_half', [(None, False),
+                                                  (torch.bfloat16, False),
+                                                  (torch.bfloat16, True)])
+def test_fast_paths_equal_module_calls(dtype, channel_t_half, hook_norm1,
+                                       monkeypatch):
     """The gate of every fast path: outputs (inference and training) and all
     gradients equal the plain module calls, in fp32 and under bf16 autocast. A
     hook on each ``norm1`` makes the half-block attention path decline: then
-    the attention modules' own fast paths run.
+    the attention modules' own fast paths run. The transposed channel attention
+    is off in half precision by default (``CHANNEL_T_HALF``); its switched-on
+    path is gated too.
 
     Under autocast two bf16 computations that sum in another order differ by a
     few bf16 steps: there the inference outputs must also be as close to the
     fp32 forward as those of the module calls are.
     """
+    monkeypatch.setattr(fast_paths, 'CHANNEL_T_HALF', channel_t_half)
     model = small_model()
     if hook_norm1:
         for name, m in model.named_modules():
@@ -190,6 +196,8 @@ def test_fast_paths_equal_module_calls(dtype, hook_norm1, monkeypatch):
             } if hook_norm1 else {'window_msa_chunked', 'channel_attn_t'})
             if dtype is not None:  # 1 + w would be rounded
                 expected.discard('cpe_folded')
+                if not channel_t_half:
+                    expected.discard('channel_attn_t')
             assert {n for n in FAST_PATHS if taken[n]} == expected, taken
     (infer_f, outs_f, grads_f), (infer_m, outs_m, grads_m) = results
     for a, b in zip(infer_f + outs_f, infer_m + outs_m):
@@ -364,6 +372,15 @@ def test_peft_lora_trains_every_adapter_and_train_equals_eval():
 
 # ----------------------------------------------------------------- int8
 def test_quantize_dynamic_error_within_mmpretrain():
+    """int8 logit error of ours and of mmpretrain's DaViT, same weights.
+
+    Every quantized Linear sees the same input in both models (to fp32
+    rounding), but a 1e-6 change of an activation can move a value across an
+    int8 rounding step and the difference grows from layer to layer: the two
+    errors are draws of one distribution (over a few inputs ours was lower on
+    some and higher on others, and mmpretrain's own error moved as much for the
+    input times 1 + 1e-6 noise). Hence the margin of the bf16 bounds.
+    """
     ref, ours = build_pair(ARCH32, 256, drop_path_rate=0., pad_small_map=True)
     x = torch.randn(4, 3, 224, 224)
     errors = []

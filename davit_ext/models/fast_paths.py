@@ -13,15 +13,21 @@ fast path                      runs when (besides :func:`plain`)
 :class:`NormFFNFunction`       autograd records (training); saves memory
 :func:`norm_ffn_chunked`       CPU inference; cache-sized groups of rows
 :func:`norm_attn_chunked`      CPU inference; bands of windows, or per image
+                               (channel attention: not in half precision)
 :func:`window_msa_chunked`     CPU inference; cache-sized groups of windows
-:func:`channel_attn_t`         CPU inference; one image at a time, transposed
+:func:`channel_attn_t`         CPU inference, not in half precision (see
+                               :data:`CHANNEL_T_HALF`); one image at a time,
+                               transposed
 =============================  ==============================================
 
 Every fp32 GEMM of a fast path on CPU goes through oneDNN
-(:data:`ONEDNN_LINEAR`), where PyTorch's own fp32 matmul calls MKL: on the
-AMD CPU we measure on, oneDNN's is 2.1-2.3x faster for the same fp32
-arithmetic (MKL does not use AVX-512 there). Half precision already goes
-through oneDNN in PyTorch.
+(:data:`ONEDNN_LINEAR`), where PyTorch's own fp32 matmul calls MKL: for the
+same fp32 arithmetic oneDNN's ran DaViT-T's linears 2.1-2.3x faster on an
+AMD EPYC Zen 5 (MKL does not use AVX-512 there), median 1.2x on a Zen 4
+(``tools/analysis_tools/gemm_bench.py``). Half precision already goes
+through oneDNN in PyTorch; where the CPU has bf16 instructions the bf16
+GEMMs of the fast paths also call oneDNN's linear directly (bias added in
+the GEMM, not copied into the output first).
 
 :func:`plain` is true only where calling the modules would compute exactly
 what the fast path computes: every module involved (and its submodules) is of
@@ -129,6 +135,28 @@ def chunk_rows(x: Tensor) -> Optional[int]:
     return max(1024, 8 * x.shape[-1])
 
 
+def _half(dt: Optional[torch.dtype]) -> bool:
+    return dt in (torch.bfloat16, torch.float16)
+
+
+# The per-image transposed channel attention in half precision: on an AMD
+# EPYC Zen 4 (avx512_bf16) DaViT-T's whole bf16 inference ran faster with the
+# module calls (one batched GEMM per linear) than with this path. Off in half
+# precision unless DAVIT_EXT_CHANNEL_T_HALF=1 (compare the two with the
+# benchmark tool on your CPU).
+CHANNEL_T_HALF = os.environ.get('DAVIT_EXT_CHANNEL_T_HALF', '0') == '1'
+
+# Rows per piece of the attention paths when their GEMMs run in half
+# precision: with 1024-row pieces the first stage's window attention ran
+# 1.3x slower than the module calls in a microbenchmark on an AMD EPYC Zen 4
+# (bf16 autocast); with 4096 rows, as fast or faster.
+HALF_ATTN_ROWS = 4096
+
+
+def _attn_rows(step: int, dt: torch.dtype) -> int:
+    return max(step, HALF_ATTN_ROWS) if _half(dt) else step
+
+
 def _linear_dtype(x: Tensor, *layers: nn.Linear) -> Optional[torch.dtype]:
     """The dtype the module calls ``layer(x)`` would compute in, where a
     chunked path knows how to reproduce it; None otherwise.
@@ -184,16 +212,41 @@ def _find_onednn_linear():
 ONEDNN_LINEAR = _find_onednn_linear()
 
 
+def _bf16_supported() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# oneDNN's linear also takes bf16 where the CPU has the instructions. There
+# it is the GEMM addmm runs, with the bias added in the GEMM instead of
+# copied into the output first (10-15% faster on DaViT-T's shapes in a
+# microbenchmark on an AMD EPYC Zen 4).
+_ONEDNN_DTYPES = {torch.float32}
+if ONEDNN_LINEAR is not None and _bf16_supported():
+    _ONEDNN_DTYPES.add(torch.bfloat16)
+
+
 def _onednn(*tensors: Tensor) -> bool:
-    return ONEDNN_LINEAR is not None and all(
-        t.dtype == torch.float32 and t.device.type == 'cpu' for t in tensors)
+    """Whether :data:`ONEDNN_LINEAR` takes these operands: all on CPU, and all
+    fp32, or all contiguous bf16 where oneDNN has bf16 (it copies a transposed
+    bf16 operand first: there torch.mm, which does not, runs)."""
+    if ONEDNN_LINEAR is None:
+        return False
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) != 1 or not dtypes <= _ONEDNN_DTYPES or any(
+            t.device.type != 'cpu' for t in tensors):
+        return False
+    return dtypes == {torch.float32} or all(t.is_contiguous() for t in tensors)
 
 
 def _linear(x: Tensor,
             weight: Tensor,
             bias: Optional[Tensor] = None) -> Tensor:
-    """``F.linear(x, weight, bias)`` of a 2-D ``x``: fp32 on CPU through oneDNN
-    (:data:`ONEDNN_LINEAR`), otherwise the addmm ``F.linear`` runs.
+    """``F.linear(x, weight, bias)`` of a 2-D ``x``: through oneDNN
+    (:data:`ONEDNN_LINEAR`) where :func:`_onednn` takes the operands, otherwise
+    the addmm ``F.linear`` runs.
 
     ``x`` and ``weight`` may be transposed views.
     """
@@ -271,8 +324,8 @@ def linear(layer: nn.Linear, x: Tensor) -> Tensor:
     ``test_linear_function_equals_f_linear`` and
     ``test_fast_paths_equal_module_calls``.
     """
-    if not plain(layer) or not _onednn(x, layer.weight) or \
-            _autocast_on(x.device.type):
+    if not plain(layer) or x.dtype != torch.float32 or \
+            not _onednn(x, layer.weight) or _autocast_on(x.device.type):
         return layer(x)
     if torch.is_grad_enabled():
         return LinearFunction.apply(x, layer.weight, layer.bias)
@@ -349,28 +402,30 @@ class NormFFNFunction(torch.autograd.Function):
         M = rows.shape[0]
         w1c, b1c = _cast(w1, b1, dtype)
         w2c, b2c = _cast(w2, b2, dtype)
-        h = rows.new_empty((M, w1.shape[0]), dtype=dtype)
         out = rows.new_empty((M, w2.shape[0]), dtype=dtype)
         stats = rows.new_empty((2, M, 1), dtype=torch.float32)
+        # fc1's output is kept chunk by chunk, as the GEMMs write it (one
+        # whole-batch tensor would cost a copy of 4C values per row).
+        hs = []
         for i, j in _spans(M, step):
             y, mean, rstd = torch.native_layer_norm(rows[i:j], (C, ),
                                                     norm_weight, norm_bias,
                                                     eps)
             stats[0, i:j], stats[1, i:j] = mean, rstd
-            _linear_into(y.to(dtype), w1c, b1c, h[i:j])
-            _linear_into(F.gelu(h[i:j]), w2c, b2c, out[i:j])
-        ctx.save_for_backward(x, stats, norm_weight, norm_bias, w1, h, w2)
+            hs.append(_linear(y.to(dtype), w1c, b1c))
+            _linear_into(F.gelu(hs[-1]), w2c, b2c, out[i:j])
+        ctx.save_for_backward(x, stats, norm_weight, norm_bias, w1, w2, *hs)
         ctx.eps, ctx.step = eps, step
         return out.view(x.shape[:-1] + (w2.shape[0], ))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        x, stats, norm_weight, norm_bias, w1, h, w2 = ctx.saved_tensors
+        x, stats, norm_weight, norm_bias, w1, w2, *hs = ctx.saved_tensors
         need = ctx.needs_input_grad  # False for a None bias
         C = x.shape[-1]
         rows = x.reshape(-1, C)
-        M, dt = rows.shape[0], h.dtype
+        M, dt = rows.shape[0], hs[0].dtype
         grad = grad.reshape(M, -1).to(dt)
         w1c, w2c = w1.to(dt), w2.to(dt)
 
@@ -382,7 +437,7 @@ class NormFFNFunction(torch.autograd.Function):
                 like.shape, dtype=torch.float32, device=like.device)
 
         gnw, gnb = total(1, norm_weight), total(2, norm_bias)
-        gw1, gb1 = total(4, w1), total(5, h[0])
+        gw1, gb1 = total(4, w1), total(5, hs[0][0])
         gw2, gb2 = total(6, w2), total(7, grad[0])
         gx = torch.empty_like(rows) if need[0] else None
 
@@ -390,8 +445,8 @@ class NormFFNFunction(torch.autograd.Function):
             if acc is not None:
                 acc.add_(part() if callable(part) else part)
 
-        for i, j in _spans(M, ctx.step):
-            g, hc = grad[i:j], h[i:j]
+        for (i, j), hc in zip(_spans(M, ctx.step), hs):
+            g = grad[i:j]
             add_(gw2, lambda: _weight_grad(g, F.gelu(hc)))
             add_(gb2, lambda: g.sum(0))
             if not any(need[:6]):
@@ -545,15 +600,15 @@ def window_msa_chunked(w_msa: nn.Module, windows: Tensor,
     otherwise. Gate: ``test_fast_paths_equal_module_calls``.
     """
     step = chunk_rows(windows)
-    if step is None:
-        return None
-    step = max(1, step // window_tokens)
-    if windows.shape[0] <= step or not plain(w_msa):
+    if step is None or not plain(w_msa):
         return None
     setup = _attn_weights(w_msa, windows)
     if setup is None:
         return None
     dt, weights = setup
+    step = max(1, _attn_rows(step, dt) // window_tokens)
+    if windows.shape[0] <= step:
+        return None
     B, N, C = windows.shape
     out = windows.new_empty(windows.shape, dtype=dt)
     for start in range(0, B, step):
@@ -620,6 +675,8 @@ def channel_attn_t(attn: nn.Module, x: Tensor) -> Optional[Tensor]:
     if setup is None:
         return None
     dt, weights = setup
+    if _half(dt) and not CHANNEL_T_HALF:
+        return None
     B, H, W, C = x.shape
     images = x.reshape(B, H * W, C)
     out = x.new_empty((B, H * W, C), dtype=dt)
@@ -650,6 +707,8 @@ def norm_attn_chunked(norm: nn.LayerNorm, attn: nn.Module,
     kind = type(attn).__name__
     if kind == 'ChannelAttention':
         inner = attn
+        if not CHANNEL_T_HALF and _half(_linear_dtype(x, attn.qkv, attn.proj)):
+            return None
     elif kind == 'WindowAttention':
         inner = attn.w_msa
     else:
@@ -679,7 +738,7 @@ def norm_attn_chunked(norm: nn.LayerNorm, attn: nn.Module,
     nw = W // ww
     bands = x.view(B * (H // wh), wh, W, C)
     out_bands = out.view(bands.shape)
-    per_chunk = max(1, step // (wh * W))
+    per_chunk = max(1, _attn_rows(step, dt) // (wh * W))
     for i in range(0, bands.shape[0], per_chunk):
         t = bands[i:i + per_chunk]
         n = t.shape[0]
