@@ -34,7 +34,7 @@ def result(tmp_path_factory):
         '--arch', TINY, '--batch',
         str(BATCH), '--img-size', '112', '--iters',
         str(ITERS), '--warmup', '0', '--threads', '1', '--with-cp',
-        '--profile', '5', '--json',
+        '--fast-paths-off', 'norm_ffn_saving', '--profile', '5', '--json',
         str(out)
     ])
     with open(out) as f:
@@ -115,6 +115,22 @@ def test_memory_figure_counts_activations(result):
     # Checkpointing keeps fewer activations: a lower training peak.
     res = result['results']
     assert res['ours-cp']['train_peak_mb'] < res['ours']['train_peak_mb']
+
+
+def test_fast_paths_off_candidate(result):
+    """ours-off is ours with the named fast paths off: same logits (checked
+    before timing), and without the memory-saving FFN a higher training peak;
+    the switch does not outlive the run."""
+    from davit_ext.models import fast_paths
+    checks = {c['pair']: c for c in result['checks']}
+    assert checks['ours-off vs ours']['ok']
+    assert checks['ours-off vs ours']['logit_scale'] > 0
+    res = result['results']
+    assert res['ours-off']['train_peak_mb'] > res['ours']['train_peak_mb']
+    assert res['ours-off']['infer_img_s'] > 0
+    assert 'ours-off: ours with fast paths off: norm_ffn_saving' in \
+        result['notes']
+    assert fast_paths.OFF == frozenset()
 
 
 def test_bad_arch_is_a_clear_error():

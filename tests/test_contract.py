@@ -141,23 +141,17 @@ def count_fast_paths(monkeypatch) -> Counter:
 
 
 @pytest.mark.parametrize('hook_norm1', [False, True])
-@pytest.mark.parametrize('dtype,channel_t_half', [(None, False),
-                                                  (torch.bfloat16, False),
-                                                  (torch.bfloat16, True)])
-def test_fast_paths_equal_module_calls(dtype, channel_t_half, hook_norm1,
-                                       monkeypatch):
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16])
+def test_fast_paths_equal_module_calls(dtype, hook_norm1, monkeypatch):
     """The gate of every fast path: outputs (inference and training) and all
     gradients equal the plain module calls, in fp32 and under bf16 autocast. A
     hook on each ``norm1`` makes the half-block attention path decline: then
-    the attention modules' own fast paths run. The transposed channel attention
-    is off in half precision by default (``CHANNEL_T_HALF``); its switched-on
-    path is gated too.
+    the attention modules' own fast paths run.
 
     Under autocast two bf16 computations that sum in another order differ by a
     few bf16 steps: there the inference outputs must also be as close to the
     fp32 forward as those of the module calls are.
     """
-    monkeypatch.setattr(fast_paths, 'CHANNEL_T_HALF', channel_t_half)
     model = small_model()
     if hook_norm1:
         for name, m in model.named_modules():
@@ -196,8 +190,6 @@ def test_fast_paths_equal_module_calls(dtype, channel_t_half, hook_norm1,
             } if hook_norm1 else {'window_msa_chunked', 'channel_attn_t'})
             if dtype is not None:  # 1 + w would be rounded
                 expected.discard('cpe_folded')
-                if not channel_t_half:
-                    expected.discard('channel_attn_t')
             assert {n for n in FAST_PATHS if taken[n]} == expected, taken
     (infer_f, outs_f, grads_f), (infer_m, outs_m, grads_m) = results
     for a, b in zip(infer_f + outs_f, infer_m + outs_m):
@@ -229,6 +221,39 @@ def test_fast_paths_equal_module_calls(dtype, channel_t_half, hook_norm1,
         module_err = (grads_m[n] - p.grad).abs().max().item()
         assert fast_err <= 1.1 * module_err + 1e-3 * scale, \
             (n, fast_err, module_err, scale)
+
+
+def test_fast_paths_turned_off(monkeypatch):
+    """``turned_off`` (and DAVIT_EXT_FAST_PATHS_OFF) make the named paths
+    decline, so the module calls run; unknown names are one clear error."""
+    model = small_model().eval()
+    x = torch.randn(1, 3, 224, 224)
+    taken = count_fast_paths(monkeypatch)
+    with torch.no_grad():
+        with fast_paths.turned_off('norm_ffn_chunked', 'cpe_folded'):
+            off = model(x)
+        assert taken['norm_ffn_chunked'] == taken['cpe_folded'] == 0
+        assert fast_paths.OFF == frozenset()
+        before = taken['norm_attn_chunked']
+        on = model(x)
+        both = taken['norm_attn_chunked'] - before  # window + channel halves
+    assert taken['norm_ffn_chunked'] > 0 and taken['cpe_folded'] > 0
+    torch.testing.assert_close(off, on, rtol=1e-5, atol=1e-5)
+    # channel_attn_t also switches the channel half inside norm_attn_chunked
+    before = taken['norm_attn_chunked']
+    with torch.no_grad(), fast_paths.turned_off('channel_attn_t'):
+        off = model(x)
+    assert 0 < taken['norm_attn_chunked'] - before == both // 2  # window
+    assert taken['channel_attn_t'] == 0
+    torch.testing.assert_close(off, on, rtol=1e-5, atol=1e-5)
+    with pytest.raises(
+            ValueError,
+            match=r'turned_off: unknown fast path\(s\) '
+            r"\['norm_fnn'\]; choose from linear, cpe_folded"):
+        with fast_paths.turned_off('norm_fnn'):
+            pass
+    with pytest.raises(ValueError, match='DAVIT_EXT_FAST_PATHS_OFF: unknown'):
+        fast_paths._parse_names(['linear', 'x'], 'DAVIT_EXT_FAST_PATHS_OFF')
 
 
 def test_cpe_fold_equals_module_call():

@@ -13,12 +13,14 @@ fast path                      runs when (besides :func:`plain`)
 :class:`NormFFNFunction`       autograd records (training); saves memory
 :func:`norm_ffn_chunked`       CPU inference; cache-sized groups of rows
 :func:`norm_attn_chunked`      CPU inference; bands of windows, or per image
-                               (channel attention: not in half precision)
 :func:`window_msa_chunked`     CPU inference; cache-sized groups of windows
-:func:`channel_attn_t`         CPU inference, not in half precision (see
-                               :data:`CHANNEL_T_HALF`); one image at a time,
-                               transposed
+:func:`channel_attn_t`         CPU inference; one image at a time, transposed
 =============================  ==============================================
+
+``DAVIT_EXT_FAST_PATHS_OFF=name,...`` in the environment (or
+:func:`turned_off`) switches fast paths off by name
+(:data:`FAST_PATH_NAMES`); ``tools/analysis_tools/benchmark.py
+--fast-paths-off`` compares them with the module calls in one run.
 
 Every fp32 GEMM of a fast path on CPU goes through oneDNN
 (:data:`ONEDNN_LINEAR`), where PyTorch's own fp32 matmul calls MKL: for the
@@ -49,8 +51,9 @@ in fp32 and under bf16 autocast; under autocast, where two bf16 sums in
 another order differ by a few bf16 steps, the outputs must also be as close
 to the fp32 forward as the module calls' are).
 """
+import contextlib
 import os
-from typing import Optional
+from typing import FrozenSet, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -73,6 +76,46 @@ _GLOBAL_HOOKS = ('_global_forward_hooks', '_global_forward_pre_hooks',
                  '_global_backward_hooks', '_global_backward_pre_hooks')
 _MODULE_HOOKS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks',
                  '_backward_pre_hooks')
+
+# The fast paths by name, for DAVIT_EXT_FAST_PATHS_OFF and turned_off().
+# ``channel_attn_t`` also switches the transposed channel attention inside
+# ``norm_attn_chunked`` (which then still chunks window attention).
+FAST_PATH_NAMES = ('linear', 'cpe_folded', 'norm_ffn_saving',
+                   'norm_ffn_chunked', 'norm_attn_chunked',
+                   'window_msa_chunked', 'channel_attn_t')
+
+
+def _parse_names(names, source: str) -> FrozenSet[str]:
+    found = frozenset(n.strip() for n in names if n.strip())
+    unknown = found - set(FAST_PATH_NAMES)
+    if unknown:
+        raise ValueError(f'{source}: unknown fast path(s) {sorted(unknown)}; '
+                         f'choose from {", ".join(FAST_PATH_NAMES)}.')
+    return found
+
+
+# Fast paths switched off: DAVIT_EXT_FAST_PATHS_OFF=norm_ffn_saving,... in
+# the environment, or turned_off() around some calls. The module calls (or,
+# for ``linear``, the layer call) run instead.
+OFF = _parse_names(
+    os.environ.get('DAVIT_EXT_FAST_PATHS_OFF', '').split(','),
+    'DAVIT_EXT_FAST_PATHS_OFF')
+
+
+@contextlib.contextmanager
+def turned_off(*names: str) -> Iterator[None]:
+    """Switch the named fast paths off inside the ``with`` block (for A/B
+    measurements on your CPU: ``tools/analysis_tools/benchmark.py.
+
+    --fast-paths-off``). Not thread-safe: it changes a module global.
+    """
+    global OFF
+    saved = OFF
+    OFF = saved | _parse_names(names, 'turned_off')
+    try:
+        yield
+    finally:
+        OFF = saved
 
 
 def is_capturing() -> bool:
@@ -138,13 +181,6 @@ def chunk_rows(x: Tensor) -> Optional[int]:
 def _half(dt: Optional[torch.dtype]) -> bool:
     return dt in (torch.bfloat16, torch.float16)
 
-
-# The per-image transposed channel attention in half precision: on an AMD
-# EPYC Zen 4 (avx512_bf16) DaViT-T's whole bf16 inference ran faster with the
-# module calls (one batched GEMM per linear) than with this path. Off in half
-# precision unless DAVIT_EXT_CHANNEL_T_HALF=1 (compare the two with the
-# benchmark tool on your CPU).
-CHANNEL_T_HALF = os.environ.get('DAVIT_EXT_CHANNEL_T_HALF', '0') == '1'
 
 # Rows per piece of the attention paths when their GEMMs run in half
 # precision: with 1024-row pieces the first stage's window attention ran
@@ -324,7 +360,7 @@ def linear(layer: nn.Linear, x: Tensor) -> Tensor:
     ``test_linear_function_equals_f_linear`` and
     ``test_fast_paths_equal_module_calls``.
     """
-    if not plain(layer) or x.dtype != torch.float32 or \
+    if 'linear' in OFF or not plain(layer) or x.dtype != torch.float32 or \
             not _onednn(x, layer.weight) or _autocast_on(x.device.type):
         return layer(x)
     if torch.is_grad_enabled():
@@ -345,6 +381,8 @@ def cpe_folded(conv: nn.Conv2d, x: Tensor) -> Optional[Tensor]:
     run. ``x`` is the (B, H, W, C) map; the result has the same layout.
     Gate: ``test_cpe_fold_equals_module_call``.
     """
+    if 'cpe_folded' in OFF:
+        return None
     if (not plain(conv) or _autocast_on(x.device.type)
             or x.dtype != conv.weight.dtype):
         return None
@@ -494,6 +532,8 @@ def norm_ffn_saving(norm: nn.LayerNorm, ffn: nn.Module,
     the linears' dtype. Chunks of 2048 rows on CPU (measured best on DaViT-T's
     first two stages), one chunk elsewhere. Returns None otherwise.
     """
+    if 'norm_ffn_saving' in OFF:
+        return None
     if not torch.is_grad_enabled() or not plain(norm, ffn):
         return None
     fc1, act, fc2 = _ffn_parts(norm, ffn)
@@ -525,6 +565,8 @@ def norm_ffn_chunked(norm: nn.LayerNorm, ffn: nn.Module,
     the dtype the module calls' sum has. Returns None otherwise.
     Gate: ``test_fast_paths_equal_module_calls``.
     """
+    if 'norm_ffn_chunked' in OFF:
+        return None
     step = chunk_rows(x)
     if step is None or not plain(norm, ffn):
         return None
@@ -599,6 +641,8 @@ def window_msa_chunked(w_msa: nn.Module, windows: Tensor,
     can be chunked, :func:`norm_attn_chunked` runs instead. Returns None
     otherwise. Gate: ``test_fast_paths_equal_module_calls``.
     """
+    if 'window_msa_chunked' in OFF:
+        return None
     step = chunk_rows(windows)
     if step is None or not plain(w_msa):
         return None
@@ -668,6 +712,8 @@ def channel_attn_t(attn: nn.Module, x: Tensor) -> Optional[Tensor]:
     block can be chunked, :func:`norm_attn_chunked` runs instead. Returns
     None otherwise. Gate: ``test_fast_paths_equal_module_calls``.
     """
+    if 'channel_attn_t' in OFF:
+        return None
     if x.device.type != 'cpu' or torch.is_grad_enabled() or \
             not plain(attn.qkv, attn.proj):
         return None
@@ -675,8 +721,6 @@ def channel_attn_t(attn: nn.Module, x: Tensor) -> Optional[Tensor]:
     if setup is None:
         return None
     dt, weights = setup
-    if _half(dt) and not CHANNEL_T_HALF:
-        return None
     B, H, W, C = x.shape
     images = x.reshape(B, H * W, C)
     out = x.new_empty((B, H * W, C), dtype=dt)
@@ -701,13 +745,15 @@ def norm_attn_chunked(norm: nn.LayerNorm, attn: nn.Module,
     padding; otherwise the module calls run, with their own fast paths).
     Returns None otherwise. Gate: ``test_fast_paths_equal_module_calls``.
     """
+    if 'norm_attn_chunked' in OFF:
+        return None
     step = chunk_rows(x)
     if step is None or not plain(norm, attn):
         return None
     kind = type(attn).__name__
     if kind == 'ChannelAttention':
         inner = attn
-        if not CHANNEL_T_HALF and _half(_linear_dtype(x, attn.qkv, attn.proj)):
+        if 'channel_attn_t' in OFF:  # the same transposed attention
             return None
     elif kind == 'WindowAttention':
         inner = attn.w_msa

@@ -12,6 +12,9 @@ Candidates (one classifier each, 1000 classes unless ``--num-classes``):
                     also the training step)
 - ``ours-cp``       ``ours`` with ``with_cp=True`` (``--with-cp``, training
                     step and memory only)
+- ``ours-off``      ``ours`` with the fast paths named by ``--fast-paths-off``
+                    switched off (``davit_ext.models.fast_paths.turned_off``):
+                    an A/B of those paths on your CPU, in the same run
 - ``ours+onnxruntime`` ``ours`` exported by
                     ``tools/deployment/pytorch2onnx.py`` (dynamic batch,
                     height and width) and run by onnxruntime on the CPU with
@@ -21,7 +24,8 @@ Candidates (one classifier each, 1000 classes unless ``--num-classes``):
 Every candidate gets the weights of ``ours`` (renamed to timm's layout for
 timm), with random LayerNorm affines and biases so that a tensor landing in
 the wrong place shows. Before any timing the logits are compared: ``ours`` vs
-``mmpretrain``, ``ours-official`` vs ``timm``, ``ours+compile`` vs ``ours``.
+``mmpretrain``, ``ours-official`` vs ``timm``, ``ours+compile`` and
+``ours-off`` vs ``ours``.
 A disagreement stops the run (``--no-check`` skips the comparison). A peer
 that is not installed, or that refuses the input size (mmpretrain raises on
 maps that do not fit its windows), is left out with a note.
@@ -74,7 +78,7 @@ import statistics
 import sys
 import time
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -89,7 +93,10 @@ ARCHS.update(tiny=ARCHS['t'], small=ARCHS['s'], base=ARCHS['b'])
 DTYPES = dict(fp32=None, bf16=torch.bfloat16, fp16=torch.float16)
 # Candidates compared with each other before timing: (ours, reference).
 CHECK_PAIRS = [('ours', 'mmpretrain'), ('ours-official', 'timm'),
-               ('ours+compile', 'ours'), ('ours+onnxruntime', 'ours')]
+               ('ours+compile', 'ours'), ('ours-off', 'ours'),
+               ('ours+onnxruntime', 'ours')]
+OFF_NAME = 'ours-off'
+
 ONNX_NAME = 'ours+onnxruntime'
 PEERS = ('mmpretrain', 'timm')
 
@@ -153,6 +160,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         '--with-cp',
         action='store_true',
         help='add ours-cp (with_cp=True) to the training step and memory')
+    from davit_ext.models.fast_paths import FAST_PATH_NAMES
+    p.add_argument(
+        '--fast-paths-off',
+        nargs='+',
+        default=None,
+        choices=FAST_PATH_NAMES,
+        metavar='NAME',
+        help='add ours-off: ours with these fast paths switched off, to '
+        'compare them with the module calls on your CPU; NAME from: ' +
+        ', '.join(FAST_PATH_NAMES))
     p.add_argument(
         '--peers',
         nargs='*',
@@ -392,13 +409,23 @@ class Runner:
         self.train_fn: Callable = model
         self.optimizer = None
         self.compile_s = {}
+        self.off: Tuple[str, ...] = ()  # fast paths switched off
+
+    def _paths(self):
+        from davit_ext.models import fast_paths
+        return fast_paths.turned_off(*self.off)
 
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         self.model.eval()
-        with torch.inference_mode(), autocast(self.args, self.device):
+        with torch.inference_mode(), autocast(self.args,
+                                              self.device), self._paths():
             return self.infer_fn(x)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        with self._paths():
+            return self._train_step(x, y)
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.model.train()
         if self.optimizer is None:
             self.optimizer = torch.optim.AdamW(
@@ -529,10 +556,16 @@ def check_outputs(runners: Dict[str, Runner], x: torch.Tensor, args,
 
 def time_interleaved(fns: Dict[str, Callable], rounds: int, warmup: int,
                      device: torch.device) -> Dict[str, List[float]]:
-    """Seconds per call of each fn, A B C A B C ..., after warm-up."""
+    """Seconds per call of each fn, interleaved after warm-up, each round
+    starting one candidate later (A B C, B C A, C A B, ...): no candidate
+    always runs first, or right after the same one (two copies of the same
+    model measured 8% apart in a fixed order)."""
     times = {name: [] for name in fns}
+    names = list(fns)
     for r in range(warmup + rounds):
-        for name, fn in fns.items():
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            fn = fns[name]
             sync(device)
             t0 = time.perf_counter()
             fn()
@@ -691,6 +724,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                         device)
         compile_candidate(runner, x, xt, y, args)
         runners['ours+compile'] = runner
+    if args.fast_paths_off:
+        import copy
+        runner = Runner(OFF_NAME, copy.deepcopy(models['ours']), args, device)
+        runner.off = tuple(args.fast_paths_off)
+        runners[OFF_NAME] = runner
+        notes.append(f'{OFF_NAME}: ours with fast paths off: ' +
+                     ', '.join(args.fast_paths_off))
     if args.onnx:
         add_onnx_candidate(runners, models['ours'], x, args, notes)
 
@@ -791,6 +831,19 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         if name == ONNX_NAME and res.get('infer_img_s'):
             ratio = res['infer_img_s'] / results['ours']['infer_img_s']
             print(f'{name}: inference {ratio:.2f}x ours (PyTorch eager)')
+        if name == OFF_NAME:
+            ours = results['ours']
+            parts = [
+                f'{title} {ours[key] / res[key]:.2f}x' if key.endswith('_mb')
+                else f'{title} {res[key] / ours[key]:.2f}x'
+                for title, key in (('inference', 'infer_img_s'),
+                                   ('training', 'train_img_s'),
+                                   ('training peak memory', 'train_peak_mb'))
+                if res.get(key) and ours.get(key)
+            ]
+            if parts:
+                print(f'{name} (ratios > 1: ours-off better than ours): ' +
+                      ', '.join(parts))
         if 'train_peak_vs_ours' in res:
             print(f'{name}: training peak memory '
                   f"{res['train_peak_vs_ours']:.2f}x ours (with_cp=False)")
