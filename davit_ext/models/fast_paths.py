@@ -104,10 +104,10 @@ OFF = _parse_names(
 
 @contextlib.contextmanager
 def turned_off(*names: str) -> Iterator[None]:
-    """Switch the named fast paths off inside the ``with`` block (for A/B
-    measurements on your CPU: ``tools/analysis_tools/benchmark.py.
+    """Switch the named fast paths off inside the ``with`` block.
 
-    --fast-paths-off``). Not thread-safe: it changes a module global.
+    For A/B measurements on your CPU: see the benchmark tool's options. Not
+    thread-safe: it changes a module global.
     """
     global OFF
     saved = OFF
@@ -178,10 +178,6 @@ def chunk_rows(x: Tensor) -> Optional[int]:
     return max(1024, 8 * x.shape[-1])
 
 
-def _half(dt: Optional[torch.dtype]) -> bool:
-    return dt in (torch.bfloat16, torch.float16)
-
-
 # Rows per piece of the attention paths when their GEMMs run in half
 # precision: with 1024-row pieces the first stage's window attention ran
 # 1.3x slower than the module calls in a microbenchmark on an AMD EPYC Zen 4
@@ -190,7 +186,8 @@ HALF_ATTN_ROWS = 4096
 
 
 def _attn_rows(step: int, dt: torch.dtype) -> int:
-    return max(step, HALF_ATTN_ROWS) if _half(dt) else step
+    half = dt in (torch.bfloat16, torch.float16)
+    return max(step, HALF_ATTN_ROWS) if half else step
 
 
 def _linear_dtype(x: Tensor, *layers: nn.Linear) -> Optional[torch.dtype]:
