@@ -98,6 +98,12 @@ def test_profile_shares(result):
     assert 0 < shares['aten::addmm'] <= prof['gemm_share'] < 1
     assert 'infer_profile' in result['results']['timm']
     assert 'infer_profile' not in result['results']['ours-cp']
+    # The training step: the backward's weight gradients are mm.
+    train = result['results']['ours']['train_profile']
+    shares = dict(train['ops'])
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert 0 < shares['aten::mm'] <= train['gemm_share'] < 1
+    assert 'train_profile' in result['results']['timm']
 
 
 def test_outputs_checked_before_timing(result):
@@ -155,3 +161,56 @@ def test_gemm_bench_runs_and_checks_both_gemms(capsys):
     assert {r['gemm'] for r in rows} == {'forward', 'grad_x', 'grad_w'}
     assert all(r['addmm_gflops'] > 0 and r['onednn_gflops'] > 0 for r in rows)
     assert 'oneDNN / addmm: median' in capsys.readouterr().out
+
+
+def test_compiled_peers_are_compared_with_compiled_ours(
+        tmp_path, monkeypatch, capsys):
+    """``--compile-peers``: each peer is compiled as ours is (fullgraph, after
+    the same checks), and ours+compile's ratios against the compiled peers
+    follow from the timings; a peer that does not compile is left out with a
+    note. ``torch.compile`` is replaced by a stand-in that records its calls
+    (inductor would take minutes here): this tests the tool, not inductor.
+    """
+    pytest.importorskip('timm')
+    import torch
+    calls = []
+
+    def stand_in(model, **kwargs):
+        timm_model = type(model.model).__module__.startswith('timm')
+        calls.append(('timm' if timm_model else 'mm', kwargs['fullgraph']))
+        if timm_model:
+
+            def broken(*args, **kwargs):
+                raise RuntimeError('graph break (stand-in)')
+
+            return broken
+        return model
+
+    monkeypatch.setattr(torch, 'compile', stand_in)
+    out = tmp_path / 'compiled.json'
+    result = load_tool().main([
+        '--arch', TINY, '--batch',
+        str(BATCH), '--iters',
+        str(ITERS), '--warmup', '0', '--threads', '1', '--no-official',
+        '--skip', 'train', 'memory', '--compile', '--compile-peers', '--json',
+        str(out)
+    ])
+    # ours, then mmpretrain, then timm, all fullgraph
+    assert calls == [('mm', True), ('mm', True), ('timm', True)]
+    res = result['results']
+    assert 'mmpretrain+compile' in res and 'timm+compile' not in res
+    assert ('timm+compile: compiling (fullgraph=True) or its first call '
+            'failed (RuntimeError: graph break (stand-in)), left out'
+            ) in result['notes']
+    checks = {c['pair']: c for c in result['checks']}
+    assert checks['mmpretrain+compile vs mmpretrain']['ok']
+    ours = res['ours+compile']
+    assert ours['infer_img_s_vs_mmpretrain+compile'] == pytest.approx(
+        ours['infer_img_s'] / res['mmpretrain+compile']['infer_img_s'],
+        rel=1e-12)
+    assert 'infer_img_s_vs_timm+compile' not in ours
+    printed = capsys.readouterr().out
+    assert 'ours+compile vs the compiled peers (ratios > 1: ours better): ' \
+        'inference ' in printed
+    with pytest.raises(SystemExit, match='--compile-peers needs --compile'):
+        load_tool().main(['--arch', TINY, '--compile-peers'])

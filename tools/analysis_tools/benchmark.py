@@ -10,6 +10,9 @@ Candidates (one classifier each, 1000 classes unless ``--num-classes``):
 - ``ours+compile``  ``ours`` under ``torch.compile(fullgraph=True)``
                     (``--compile``, inference only; with ``--compile-train``
                     also the training step)
+- ``mmpretrain+compile``, ``timm+compile``  the peers compiled the same way
+                    (``--compile-peers``, with ``--compile``): compiled ours
+                    is compared with compiled peers, not with eager ones
 - ``ours-cp``       ``ours`` with ``with_cp=True`` (``--with-cp``, training
                     step and memory only)
 - ``ours-off``      ``ours`` with the fast paths named by ``--fast-paths-off``
@@ -25,7 +28,7 @@ Every candidate gets the weights of ``ours`` (renamed to timm's layout for
 timm), with random LayerNorm affines and biases so that a tensor landing in
 the wrong place shows. Before any timing the logits are compared: ``ours`` vs
 ``mmpretrain``, ``ours-official`` vs ``timm``, ``ours+compile`` and
-``ours-off`` vs ``ours``.
+``ours-off`` vs ``ours``, each compiled peer vs the peer.
 A disagreement stops the run (``--no-check`` skips the comparison). A peer
 that is not installed, or that refuses the input size (mmpretrain raises on
 maps that do not fit its windows), is left out with a note.
@@ -56,9 +59,10 @@ speed (``avx512_bf16``, ``amx_bf16``, ...) and says plainly when a
 emulated and slow). ``--train-batch`` sets the batch of the training step and
 its memory apart from the inference batch.
 
-``--profile N`` (CPU) then profiles each eager candidate's inference with
-``torch.profiler`` and prints the share of self CPU time spent in matrix
-products (``GEMM_OPS``) and its top N ops: what explains the ratios.
+``--profile N`` (CPU) then profiles each eager candidate's inference and
+training step with ``torch.profiler`` and prints the share of self CPU time
+spent in matrix products (``GEMM_OPS``) and its top N ops: what explains the
+ratios.
 
 Example (the README's Performance table)::
 
@@ -94,7 +98,9 @@ DTYPES = dict(fp32=None, bf16=torch.bfloat16, fp16=torch.float16)
 # Candidates compared with each other before timing: (ours, reference).
 CHECK_PAIRS = [('ours', 'mmpretrain'), ('ours-official', 'timm'),
                ('ours+compile', 'ours'), ('ours-off', 'ours'),
-               ('ours+onnxruntime', 'ours')]
+               ('ours+onnxruntime', 'ours'),
+               ('mmpretrain+compile', 'mmpretrain'), ('timm+compile', 'timm')]
+COMPILED = '+compile'  # suffix of the compiled candidates
 OFF_NAME = 'ours-off'
 
 ONNX_NAME = 'ours+onnxruntime'
@@ -146,6 +152,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         '--compile-train',
         action='store_true',
         help='with --compile, also time the compiled training step')
+    p.add_argument(
+        '--compile-peers',
+        action='store_true',
+        help='with --compile, also compile the peers the same way '
+        '(mmpretrain+compile, timm+compile): the fair comparison for '
+        'ours+compile')
     p.add_argument(
         '--compile-mode',
         default=None,
@@ -207,8 +219,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         default=0,
         metavar='N',
         help='CPU: after timing, profile each eager candidate\'s inference '
-        '(torch.profiler, self CPU time) and print its GEMM share and top N '
-        'ops')
+        'and training step (torch.profiler, self CPU time) and print its GEMM '
+        'share and top N ops')
     p.add_argument('--json', default=None, help='write the results here')
     return p.parse_args(argv)
 
@@ -441,7 +453,11 @@ class Runner:
 
 def compile_candidate(runner: Runner, x: torch.Tensor, xt: torch.Tensor,
                       y: torch.Tensor, args) -> None:
-    """Compile ``runner``'s model; record the time of the first calls."""
+    """Compile ``runner``'s model; record the time of the first calls.
+
+    Raises what ``torch.compile`` raises (e.g. a graph break under
+    ``fullgraph=True``) at the first call.
+    """
     import torch._inductor.config as inductor_config
     kwargs = dict(fullgraph=True, mode=args.compile_mode)
     # A separate compiled callable for each use: freezing folds the weights
@@ -689,6 +705,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         torch.set_num_threads(args.threads)
     if args.compile_train and not args.compile:
         raise SystemExit('--compile-train needs --compile')
+    if args.compile_peers and not args.compile:
+        raise SystemExit('--compile-peers needs --compile')
     device = torch.device(args.device)
     if device.type == 'cpu' and args.dtype == 'fp16':
         raise SystemExit('--dtype fp16 autocast is for CUDA; use bf16 on CPU')
@@ -724,6 +742,23 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                         device)
         compile_candidate(runner, x, xt, y, args)
         runners['ours+compile'] = runner
+        for peer in PEERS if args.compile_peers else ():
+            if peer not in runners:
+                continue
+            name = peer + COMPILED
+            runner = Runner(name, copy.deepcopy(runners[peer].model), args,
+                            device)
+            try:
+                compile_candidate(runner, x, xt, y, args)
+            except Exception as e:  # a graph break, a refused input size
+                torch._dynamo.reset()
+                first = str(e).splitlines()[0] if str(e) else ''
+                notes.append(
+                    f'{name}: compiling (fullgraph=True) or its first '
+                    f'call failed ({type(e).__name__}: {first}), '
+                    'left out')
+                continue
+            runners[name] = runner
     if args.fast_paths_off:
         import copy
         runner = Runner(OFF_NAME, copy.deepcopy(models['ours']), args, device)
@@ -759,7 +794,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             results[n]['infer_img_s'] = args.batch / statistics.median(t)
     trainable = [
         n for n, r in runners.items()
-        if (n != 'ours+compile' or args.compile_train) and n != ONNX_NAME
+        if (not n.endswith(COMPILED) or args.compile_train) and n != ONNX_NAME
     ]
     if 'train' not in args.skip:
         fns = {
@@ -784,8 +819,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
     if args.profile and device.type == 'cpu':
         for n, r in runners.items():
-            if n not in ('ours-cp', 'ours+compile', ONNX_NAME):
+            if n not in ('ours-cp', ONNX_NAME) and not n.endswith(COMPILED):
                 results[n]['infer_profile'] = profile_ops(lambda: r.infer(x))
+                if 'train' not in args.skip and n in trainable:
+                    results[n]['train_profile'] = profile_ops(
+                        lambda: r.train_step(xt, y))
     elif args.profile:
         notes.append('--profile reads CPU time: skipped on ' + device.type)
 
@@ -793,6 +831,15 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     for metric, higher in (('infer_img_s', True), ('train_img_s', True),
                            ('train_peak_mb', False), ('infer_peak_mb', False)):
         summarize(results, metric, higher, peers)
+    compiled_peers = [p + COMPILED for p in peers if p + COMPILED in results]
+    if 'ours+compile' in results and compiled_peers:
+        # Compiled ours against compiled peers: ratios > 1, ours is better.
+        res = results['ours+compile']
+        for metric in ('infer_img_s', 'train_img_s'):
+            for peer in compiled_peers:
+                ref = results[peer].get(metric)
+                if ref and res.get(metric):
+                    res[f'{metric}_vs_{peer}'] = res[metric] / ref
     if 'ours-cp' in results and 'train_peak_mb' in results['ours-cp']:
         results['ours-cp']['train_peak_vs_ours'] = \
             results['ours-cp']['train_peak_mb'] / \
@@ -828,6 +875,17 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             print(f'{name}: compile time ' +
                   ', '.join(f'{k} {v:.1f} s'
                             for k, v in res['compile_s'].items()))
+        if name == 'ours+compile':
+            parts = [
+                f'{title} {res[key]:.2f}x {peer}'
+                for title, metric in (('inference', 'infer_img_s'),
+                                      ('training', 'train_img_s'))
+                for peer in compiled_peers for key in [f'{metric}_vs_{peer}']
+                if key in res
+            ]
+            if parts:
+                print(f'{name} vs the compiled peers (ratios > 1: ours '
+                      'better): ' + ', '.join(parts))
         if name == ONNX_NAME and res.get('infer_img_s'):
             ratio = res['infer_img_s'] / results['ours']['infer_img_s']
             print(f'{name}: inference {ratio:.2f}x ours (PyTorch eager)')
@@ -847,15 +905,17 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         if 'train_peak_vs_ours' in res:
             print(f'{name}: training peak memory '
                   f"{res['train_peak_vs_ours']:.2f}x ours (with_cp=False)")
-    for name, res in results.items():
-        prof = res.get('infer_profile')
-        if prof:
-            top = ', '.join(f'{k} {v:.1%}'
-                            for k, v in prof['ops'][:args.profile])
-            # Shares only: each profile runs at its own moment, so their
-            # absolute times are not comparable (the timed rounds are).
-            print(f'profile {name} inference (self CPU time): '
-                  f"GEMM {prof['gemm_share']:.1%}; {top}")
+    for key, title in (('infer_profile', 'inference'), ('train_profile',
+                                                        'training step')):
+        for name, res in results.items():
+            prof = res.get(key)
+            if prof:
+                top = ', '.join(f'{k} {v:.1%}'
+                                for k, v in prof['ops'][:args.profile])
+                # Shares only: each profile runs at its own moment, so their
+                # absolute times are not comparable (the timed rounds are).
+                print(f'profile {name} {title} (self CPU time): '
+                      f"GEMM {prof['gemm_share']:.1%}; {top}")
     for note in notes:
         print('note:', note)
 
