@@ -275,30 +275,53 @@ def test_cpe_fold_equals_module_call():
         assert cpe(x).dtype == torch.float32
 
 
+@pytest.mark.parametrize('features', [(24, 40), (40, 24)])
 @pytest.mark.parametrize('onednn', [True, False])
 @pytest.mark.parametrize('bias', [True, False])
-def test_linear_function_equals_f_linear(bias, onednn, monkeypatch):
+def test_linear_function_equals_f_linear(bias, onednn, features, monkeypatch):
     """LinearFunction (the attention linears' fp32 CPU training path) gives
     F.linear's output and gradients: 4100 rows (weight gradient summed over
     three chunks), a non-contiguous input, with and without bias, and only some
-    inputs needing a gradient.
+    inputs needing a gradient; a layer wider out than in (its weight gradient
+    is computed transposed, see ``_weight_grad``) and one narrower.
 
     fast_paths.linear is the module call wherever a hook is registered.
     """
     torch.manual_seed(0)
-    layer = nn.Linear(24, 40, bias=bias)
-    x = torch.randn(4100, 48)[:, ::2].requires_grad_()
-    grad = torch.randn(4100, 40)
+    fan_in, fan_out = features
+    firsts = []  # shapes of the first operand of each oneDNN linear
+    if not onednn:
+        monkeypatch.setattr(fast_paths, 'ONEDNN_LINEAR', None)
+    elif fast_paths.ONEDNN_LINEAR is None:
+        pytest.skip('this PyTorch has no oneDNN')
+    else:
+        real = fast_paths.ONEDNN_LINEAR
+
+        def recorded(a, *args):
+            firsts.append(tuple(a.shape))
+            return real(a, *args)
+
+        monkeypatch.setattr(fast_paths, 'ONEDNN_LINEAR', recorded)
+    layer = nn.Linear(fan_in, fan_out, bias=bias)
+    x = torch.randn(4100, 2 * fan_in)[:, ::2].requires_grad_()
+    grad = torch.randn(4100, fan_out)
     expected = torch.autograd.grad(layer(x), [x, *layer.parameters()], grad)
     got = torch.autograd.grad(
         fast_paths.LinearFunction.apply(x, layer.weight, layer.bias),
         [x, *layer.parameters()], grad)
+    # Weight and bias gradients are fp32 sums over 4100 rows (|values| up to
+    # ~300) in another order: relative tolerance 1e-4 of each value.
     for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     (gw, ) = torch.autograd.grad(
         fast_paths.LinearFunction.apply(x.detach(), layer.weight, layer.bias),
         [layer.weight], grad)
-    torch.testing.assert_close(gw, expected[1], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gw, expected[1], rtol=1e-4, atol=1e-4)
+    if onednn:  # weight gradients: 3 chunks of rows, 2 backward passes
+        chunks = [a for a in firsts if a[1] in (1366, 1367)]
+        # each with the narrower operand transposed (the one copied)
+        assert chunks == [(min(fan_in, fan_out), n)
+                          for n in (1367, 1367, 1366)] * 2, firsts
     with torch.no_grad():
         torch.testing.assert_close(
             fast_paths.linear(layer, x), layer(x), rtol=1e-5, atol=1e-5)

@@ -306,7 +306,15 @@ def _mm(a: Tensor, b: Tensor) -> Tensor:
 
 def _weight_grad(grad: Tensor, x: Tensor) -> Tensor:
     """``grad^T @ x``, the weight gradient of a linear (a few thousand rows
-    at a time: oneDNN is slow on one very long reduction)."""
+    at a time: oneDNN is slow on one very long reduction).
+
+    oneDNN's linear copies a transposed input operand first (the weight
+    operand it packs anyway): where the layer's output is wider than its
+    input (qkv, fc1) it computes ``(x^T @ grad)^T``, copying the narrower
+    ``x^T`` instead of ``grad^T``. The same GEMM, fewer bytes copied.
+    """
+    if grad.shape[1] > x.shape[1] and _onednn(x.t(), grad.t()):
+        return ONEDNN_LINEAR(x.t(), grad.t(), None, 'none', [], '').t()
     return _mm(grad.t(), x)
 
 
