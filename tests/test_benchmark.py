@@ -98,10 +98,13 @@ def test_profile_shares(result):
     assert 0 < shares['aten::addmm'] <= prof['gemm_share'] < 1
     assert 'infer_profile' in result['results']['timm']
     assert 'infer_profile' not in result['results']['ours-cp']
-    # The training step: the backward's weight gradients are mm.
+    # The training step: its backward ran (conv backward), and the GEMM
+    # share counts its matrix products.
     train = result['results']['ours']['train_profile']
     shares = dict(train['ops'])
     assert sum(shares.values()) == pytest.approx(1.0)
+    assert shares['aten::convolution_backward'] > 0
+    assert 'aten::convolution_backward' not in dict(prof['ops'])
     assert 0 < shares['aten::mm'] <= train['gemm_share'] < 1
     assert 'train_profile' in result['results']['timm']
 
@@ -192,7 +195,8 @@ def test_compiled_peers_are_compared_with_compiled_ours(
         '--arch', TINY, '--batch',
         str(BATCH), '--iters',
         str(ITERS), '--warmup', '0', '--threads', '1', '--no-official',
-        '--skip', 'train', 'memory', '--compile', '--compile-peers', '--json',
+        '--train-iters', '1', '--skip', 'memory', '--compile',
+        '--compile-peers', '--json',
         str(out)
     ])
     # ours, then mmpretrain, then timm, all fullgraph
@@ -209,8 +213,18 @@ def test_compiled_peers_are_compared_with_compiled_ours(
         ours['infer_img_s'] / res['mmpretrain+compile']['infer_img_s'],
         rel=1e-12)
     assert 'infer_img_s_vs_timm+compile' not in ours
+    # inference only: the training step is timed for the eager candidates
+    assert 'train_img_s' in res['mmpretrain']
+    assert 'train_img_s' not in res['mmpretrain+compile']
+    assert 'train_img_s' not in ours
     printed = capsys.readouterr().out
     assert 'ours+compile vs the compiled peers (ratios > 1: ours better): ' \
         'inference ' in printed
     with pytest.raises(SystemExit, match='--compile-peers needs --compile'):
         load_tool().main(['--arch', TINY, '--compile-peers'])
+    with pytest.raises(SystemExit, match='without --compile-train'):
+        load_tool().main([
+            '--arch', TINY, '--compile', '--compile-train', '--compile-peers'
+        ])
+    import torch._inductor.config as inductor_config
+    assert not inductor_config.freezing  # not left on by the failed compile

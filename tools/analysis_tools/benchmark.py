@@ -156,8 +156,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         '--compile-peers',
         action='store_true',
         help='with --compile, also compile the peers the same way '
-        '(mmpretrain+compile, timm+compile): the fair comparison for '
-        'ours+compile')
+        '(mmpretrain+compile, timm+compile; inference only, not with '
+        '--compile-train): the fair comparison for ours+compile')
     p.add_argument(
         '--compile-mode',
         default=None,
@@ -466,10 +466,12 @@ def compile_candidate(runner: Runner, x: torch.Tensor, xt: torch.Tensor,
         inductor_config.freezing = True
     runner.infer_fn = torch.compile(runner.model, **kwargs)
     t0 = time.perf_counter()
-    runner.infer(x)
+    try:
+        runner.infer(x)
+    finally:  # a failed compile must not leave freezing on
+        inductor_config.freezing = False
     sync(runner.device)
     runner.compile_s['infer'] = time.perf_counter() - t0
-    inductor_config.freezing = False
     if args.compile_train:
         torch._dynamo.reset()
         runner.train_fn = torch.compile(runner.model, **kwargs)
@@ -707,6 +709,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         raise SystemExit('--compile-train needs --compile')
     if args.compile_peers and not args.compile:
         raise SystemExit('--compile-peers needs --compile')
+    if args.compile_peers and args.compile_train:
+        # Compiling a training graph resets dynamo, which would drop the
+        # frozen inference graphs compiled before it for other candidates.
+        raise SystemExit('--compile-peers compares inference only: run it '
+                         'without --compile-train')
     device = torch.device(args.device)
     if device.type == 'cpu' and args.dtype == 'fp16':
         raise SystemExit('--dtype fp16 autocast is for CUDA; use bf16 on CPU')
@@ -751,7 +758,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             try:
                 compile_candidate(runner, x, xt, y, args)
             except Exception as e:  # a graph break, a refused input size
-                torch._dynamo.reset()
+                # (no torch._dynamo.reset(): it would drop the graphs
+                # compiled for the other candidates, too)
                 first = str(e).splitlines()[0] if str(e) else ''
                 notes.append(
                     f'{name}: compiling (fullgraph=True) or its first '
