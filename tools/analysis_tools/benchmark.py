@@ -11,8 +11,9 @@ Candidates (one classifier each, 1000 classes unless ``--num-classes``):
                     (``--compile``, inference only; with ``--compile-train``
                     also the training step)
 - ``mmpretrain+compile``, ``timm+compile``  the peers compiled the same way
-                    (``--compile-peers``, with ``--compile``): compiled ours
-                    is compared with compiled peers, not with eager ones
+                    (``--compile-peers``, with ``--compile``; inference
+                    only): compiled ours is compared with compiled peers,
+                    not with eager ones
 - ``ours-cp``       ``ours`` with ``with_cp=True`` (``--with-cp``, training
                     step and memory only)
 - ``ours-off``      ``ours`` with the fast paths named by ``--fast-paths-off``
