@@ -40,7 +40,10 @@ def requirements():
         'torch>=2.6',
         'torchvision',
         'mmengine>=0.10.7,<1.0',
-        'mmpretrain>=1.2.0,<2.0'
+        'mmpretrain>=1.2.0,<2.0',
+        # mmengine 0.10.7 imports pkg_resources (to resolve mmpretrain::
+        # bases, among others), which setuptools >= 81 no longer ships.
+        'setuptools<81',
     ]
     reqs.append(
         'mmcv>=2.0.0,<2.3.0' if has_full_mmcv() else 'mmcv-lite>=2.0.0,<2.3.0')

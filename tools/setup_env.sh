@@ -12,4 +12,6 @@ fi
 if ! python -c "import torch, torchvision.ops" >/dev/null 2>&1; then
   python -m pip install -q torch==2.14.1 torchvision==0.29.1 || return 1
 fi
-python -m pip install -q -e ".[tests]" || return 1
+# mmengine 0.10.7 imports pkg_resources, which setuptools >= 81 no longer
+# has (torch 2.14 asks for >= 77.0.3): pinned in the same resolve.
+python -m pip install -q -e ".[tests]" "setuptools>=77.0.3,<81" || return 1
