@@ -1,4 +1,14 @@
-# Runtime shared by all davit_ext configs.
+# Runtime shared by all davit_ext configs: mmpretrain's default runtime (its
+# default_hooks, env_cfg, visualizer, log level, load_from=None, resume=False,
+# no fixed seed) with our scope, our imports and our hooks.
+# Set default_hooks.visualization.enable=True to draw validation predictions.
+# env_cfg.dist_cfg stays backend='nccl': davit_ext's tools switch it to 'gloo'
+# (and to CPU devices) when no GPU is present; nothing to edit for CPU runs.
+# Dicts inherited from mmpretrain's base carry _scope_='mmpretrain' (mmengine
+# adds it to what a config takes from another package); they name mmengine or
+# mmpretrain types, which that scope builds the same.
+_base_ = 'mmpretrain::_base_/default_runtime.py'
+
 # Registries: ``DaViT`` resolves to davit_ext's backbone; every other type
 # falls through to mmpretrain, then mmengine.
 default_scope = 'davit_ext'
@@ -6,32 +16,12 @@ default_scope = 'davit_ext'
 # plain mmengine/mmpretrain entry points.
 custom_imports = dict(imports=['davit_ext'], allow_failed_imports=False)
 
-default_hooks = dict(
-    timer=dict(type='IterTimerHook'),
-    logger=dict(type='LoggerHook', interval=100),
-    param_scheduler=dict(type='ParamSchedulerHook'),
-    checkpoint=dict(type='CheckpointHook', interval=1),
-    sampler_seed=dict(type='DistSamplerSeedHook'),
-    # Set enable=True to draw validation predictions.
-    visualization=dict(type='VisualizationHook', enable=False),
-)
-
-env_cfg = dict(
-    cudnn_benchmark=False,
-    mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
-    # davit_ext's tools switch this to 'gloo' (and to CPU devices) when no GPU
-    # is present; nothing to edit here for CPU runs.
-    dist_cfg=dict(backend='nccl'),
-)
-
-vis_backends = [dict(type='LocalVisBackend')]
-visualizer = dict(type='UniversalVisualizer', vis_backends=vis_backends)
-
-log_level = 'INFO'
-
-# Weights to start from (path or URL), and whether to resume their run.
-load_from = None
-resume = False
-
-# No fixed seed, non-deterministic kernels allowed (fastest).
-randomness = dict(seed=None, deterministic=False)
+# RandomStateHook saves and restores every random generator, so that resuming
+# is exact; FitLoadFromHook applies load_from under the fine-tuning policy (a
+# new head loads with one warning, another backbone arch is refused; resume
+# stays strict). A config that sets its own custom_hooks replaces this list:
+# keep these two in it.
+custom_hooks = [
+    dict(type='davit_ext.RandomStateHook'),
+    dict(type='davit_ext.FitLoadFromHook'),
+]

@@ -2,7 +2,7 @@
 # 12, Florence-2's own resolution): 8 GPUs x 16 images.
 _base_ = [
     '../_base_/models/davit/davit-base-fl.py',
-    '../_base_/datasets/imagenet_bs256_davit_224.py',
+    'mmpretrain::_base_/datasets/imagenet_bs256_davit_224.py',
     '../_base_/schedules/finetune_adamw_30e.py',
     '../_base_/default_runtime.py',
 ]

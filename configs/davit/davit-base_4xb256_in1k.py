@@ -2,8 +2,10 @@
 # schedule's base batch size).
 _base_ = [
     '../_base_/models/davit/davit-base.py',
-    '../_base_/datasets/imagenet_bs256_davit_224.py',
-    '../_base_/schedules/imagenet_bs1024_adamw_swin.py',
+    # ImageNet-1k at 224 (data/imagenet/{train,val}/<wnid>/*.JPEG or
+    # meta/{train,val}.txt; see mmpretrain's dataset preparation guide)
+    'mmpretrain::_base_/datasets/imagenet_bs256_davit_224.py',
+    'mmpretrain::_base_/schedules/imagenet_bs1024_adamw_swin.py',
     '../_base_/default_runtime.py',
 ]
 

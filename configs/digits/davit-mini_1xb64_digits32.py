@@ -7,7 +7,7 @@
 # Schedule: the DaViT AdamW schedule with a short warm-up and cosine decay.
 _base_ = [
     '../_base_/models/davit/davit-tiny.py',
-    '../_base_/schedules/imagenet_bs1024_adamw_swin.py',
+    'mmpretrain::_base_/schedules/imagenet_bs1024_adamw_swin.py',
     '../_base_/default_runtime.py',
 ]
 
