@@ -18,14 +18,14 @@ ran first. ``ModelHub.get`` is wrapped too, to mark our configs' model with
 ``_scope_='davit_ext'``: ``get_model`` builds under the ``mmpretrain`` scope,
 where ``type='DaViT'`` would be mmpretrain's backbone.
 
-The model index and configs are package data: ``davit_ext/.mim`` in a wheel
-(see setup.py), or the source tree of an editable install.
+The model index itself is read by :mod:`davit_ext.weights.index`.
 """
-import os.path as osp
 from typing import Dict, List, Optional
 
 from mmengine.config import Config
 from mmpretrain.apis.model import ModelHub
+
+from davit_ext.weights.index import load_models, mim_root
 
 __all__ = [
     'SCOPE', 'install', 'uninstall', 'mim_root', 'model_names',
@@ -33,11 +33,7 @@ __all__ = [
 ]
 
 SCOPE = 'davit_ext'
-PACKAGE_DIR = osp.dirname(osp.abspath(__file__))
-MODEL_INDEX = 'model-index.yml'
 
-# Our metainfo by lower-case name, filled on first use.
-_models: Optional[Dict[str, object]] = None
 _added = False
 # Why our model index could not be read (a broken install), if so.
 _load_error: Optional[Exception] = None
@@ -48,49 +44,14 @@ _replaced: Dict[str, object] = {}
 _our_entries: Dict[str, object] = {}
 
 
-def mim_root() -> str:
-    """The folder holding ``model-index.yml`` and ``configs/``.
-
-    ``davit_ext/.mim`` of an installed wheel (or of an editable install whose
-    links are in place), else the source tree above the package.
-    """
-    candidates = [osp.join(PACKAGE_DIR, '.mim'), osp.dirname(PACKAGE_DIR)]
-    for root in candidates:
-        if osp.isfile(osp.join(root, MODEL_INDEX)) and \
-                osp.isdir(osp.join(root, 'configs')):
-            return root
-    raise FileNotFoundError(
-        f'davit_ext cannot find its {MODEL_INDEX} and configs/ (looked in '
-        f'{" and ".join(candidates)}). The package was installed without its '
-        'data: reinstall it with "pip install davit_ext-*.whl" or, from a '
-        'source checkout, "pip install -e .".')
-
-
-def _load_models() -> Dict[str, object]:
-    """Parse our model index; config paths become absolute."""
-    global _models
-    if _models is None:
-        from modelindex.load_model_index import load
-        root = mim_root()
-        index = load(osp.join(root, MODEL_INDEX))
-        index.build_models_with_collections()
-        models = {}
-        for metainfo in index.models:
-            if metainfo.config is not None and not osp.isabs(metainfo.config):
-                metainfo.config = osp.join(root, metainfo.config)
-            models[metainfo.name.lower()] = metainfo
-        _models = models
-    return _models
-
-
 def model_names() -> List[str]:
     """Names of the models davit_ext serves, sorted."""
-    return sorted(_load_models())
+    return sorted(load_models())
 
 
 def is_davit_ext_model(name: str) -> bool:
     """Whether ``name`` (any case) is one of davit_ext's models."""
-    return name.lower() in _load_models()
+    return name.lower() in load_models()
 
 
 def _add_ours() -> None:
@@ -100,7 +61,7 @@ def _add_ours() -> None:
         return
     _added = True
     try:
-        models = _load_models()
+        models = load_models()
     except FileNotFoundError as e:
         # Leave mmpretrain's hub working; our names raise this in ``get``.
         _load_error = e
@@ -198,13 +159,3 @@ def uninstall() -> None:
     _our_entries.clear()
     _replaced.clear()
     _added = False
-
-
-def _install_unless_disabled() -> None:
-    from .side_effects import disabled
-    off = disabled()
-    if 'hub' not in off:
-        install(keep_mmpretrain_names='names' in off)
-
-
-_install_unless_disabled()

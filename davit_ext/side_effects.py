@@ -3,10 +3,10 @@
 ``import davit_ext`` changes, process-wide:
 
 - ``checkpoint``: mmengine's ``CheckpointLoader`` loads every scheme through
-  :mod:`davit_ext.checkpoint` (``weights_only=True`` + allowlist, sha256
+  :mod:`davit_ext.weights` (``weights_only=True`` + allowlist, sha256
   checks; unknown schemes refused), and gains the ``florence2://`` scheme
-  (:mod:`davit_ext.florence2`; its loads are as safe, and undo leaves
-  it). Undo: :func:`davit_ext.checkpoint.uninstall`.
+  (:mod:`davit_ext.weights.florence2`; its loads are as safe, and undo
+  leaves it). Undo: :func:`davit_ext.weights.uninstall`.
 - ``hub``: mmpretrain's ``ModelHub`` (behind ``get_model``,
   ``inference_model``, ``list_models``) also serves our model index, and
   marks our configs' model with ``_scope_='davit_ext'``. Undo:
@@ -27,7 +27,7 @@ own modules changes nothing that other code resolves.
 import os
 from typing import FrozenSet
 
-__all__ = ['ENV', 'SIDE_EFFECTS', 'disabled']
+__all__ = ['ENV', 'SIDE_EFFECTS', 'disabled', 'install_unless_disabled']
 
 #: The environment variable read on import.
 ENV = 'DAVIT_EXT_DISABLE'
@@ -53,3 +53,19 @@ def disabled() -> FrozenSet[str]:
             f'does not know: use a comma-separated list of '
             f'{", ".join(SIDE_EFFECTS)}, or all.')
     return frozenset(items)
+
+
+def install_unless_disabled() -> None:
+    """What ``import davit_ext`` does: every side effect not disabled."""
+    from . import analysis, hub
+    from .weights import florence2, schemes
+    off = disabled()
+    if 'flops' not in off:
+        analysis.register_flop_handles()
+    if 'hub' not in off:
+        hub.install(keep_mmpretrain_names='names' in off)
+    if 'checkpoint' not in off:
+        schemes.install()
+        # florence2:// after the safe loaders, which refuse schemes they do
+        # not know.
+        florence2.install()

@@ -41,18 +41,20 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import warnings
+
+    # mmengine imports the deprecated pkg_resources to look for packages.
+    warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
     import torch
     from mmpretrain import inference_model
 
-    import davit_ext  # noqa: F401  (our models in mmpretrain's hub)
-    from davit_ext import checkpoint
+    # Our models in mmpretrain's hub; checkpoints load with
+    # weights_only=True, downloads are checked against a sha256 where one
+    # is known and fail with a clear message offline.
+    import davit_ext  # noqa: F401
+    from davit_ext.cli.config import load_config as read_config
+    from davit_ext.errors import CheckpointDownloadError, ConfigError
     from davit_ext.hub import load_config
-    from davit_ext.preflight import ConfigError
-    from davit_ext.startup import load_config as read_config
-
-    # Checkpoints load with weights_only=True; downloads are checked against
-    # a sha256 where one is known and fail with a clear message offline.
-    checkpoint.install()
 
     if not Path(args.img).is_file():
         print(f'error: no image file at {args.img!r}', file=sys.stderr)
@@ -76,7 +78,7 @@ def main(argv=None) -> int:
             device=device,
             show=args.show,
             show_dir=args.show_dir)
-    except checkpoint.CheckpointDownloadError as e:
+    except CheckpointDownloadError as e:
         print(
             f'error: {e}\nWith this demo, pass the local file as '
             '--pretrained /path/to/checkpoint.pth.',

@@ -112,7 +112,7 @@ assert type(resnet.backbone).__name__ == 'ResNet'
 import mmpretrain  # noqa: E402
 import timm  # noqa: E402
 from mmpretrain.apis import ImageClassificationInferencer  # noqa: E402
-from davit_ext.converters import mmpretrain_to_timm  # noqa: E402
+from davit_ext.weights.layouts import mmpretrain_to_timm  # noqa: E402
 torch.manual_seed(0)
 state = tiny.state_dict()
 state['head.fc.weight'] = torch.randn(1000, 768) * 0.05

@@ -48,9 +48,7 @@ def classify(checkpoint, image):
     from mmpretrain import inference_model
     from mmpretrain.apis.model import ModelHub
 
-    import davit_ext  # noqa: F401
-    from davit_ext.checkpoint import install
-    install()
+    import davit_ext  # noqa: F401  (safe checkpoint loading included)
     if not ModelHub.has(MODEL_NAME):
         ModelHub.register_model_index(
             osp.join(ROOT, 'configs', 'digits', 'metafile.yml'),

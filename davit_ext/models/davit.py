@@ -27,6 +27,7 @@ window is padded right/bottom (after the LayerNorm, no attention mask), both
 exactly as the original DaViT does. Where every stage map is even and at least
 the window, the forward equals mmpretrain's.
 """
+import re
 from copy import deepcopy
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -38,21 +39,11 @@ from mmcv.cnn import build_norm_layer
 from mmengine.utils.dl_utils.parrots_wrapper import _BatchNorm
 from mmpretrain.models.backbones.base_backbone import BaseBackbone
 from torch import Tensor
+from torchvision.ops import stochastic_depth
 
+from davit_ext.errors import CheckpointMismatchError
 from davit_ext.registry import MODELS
 from . import fast_paths
-
-
-def _is_exporting() -> bool:
-    """True under ``torch.export`` (and the ONNX exporter built on it).
-
-    The graph it records must hold for every input size: there the padding is
-    computed from the symbolic shape and applied unconditionally (zero amounts
-    where none is needed) instead of behind a Python branch on the example's
-    size, which would be frozen into the graph.
-    """
-    is_exporting = getattr(torch.compiler, 'is_exporting', None)
-    return bool(is_exporting and is_exporting())
 
 
 def _reshape(x: Tensor, shape: Tuple) -> Tensor:
@@ -62,7 +53,7 @@ def _reshape(x: Tensor, shape: Tuple) -> Tensor:
     window per row): the exporter would freeze that answer for the example's
     size. A copy first makes the view valid for every size.
     """
-    if _is_exporting():
+    if fast_paths.is_exporting():
         return x.clone(memory_format=torch.contiguous_format).view(shape)
     return x.reshape(shape)
 
@@ -85,11 +76,7 @@ def _sym_max(a, b):
 
 def drop_path(x: Tensor, prob: float, training: bool) -> Tensor:
     """Stochastic depth: zero whole samples of a residual branch."""
-    if prob == 0. or not training:
-        return x
-    keep = 1. - prob
-    mask = x.new_empty((x.shape[0], ) + (1, ) * (x.dim() - 1))
-    return x * mask.bernoulli_(keep).div_(keep)
+    return stochastic_depth(x, prob, 'row', training)
 
 
 class ConvPosEnc(nn.Module):
@@ -216,12 +203,13 @@ class WindowAttention(nn.Module):
             wh, ww = _sym_min(wh, H), _sym_min(ww, W)
         # Pad right/bottom after the norm and attend over the zeros without a
         # mask: what the original model (and mmpretrain) does. Exported
-        # graphs pad (possibly by 0) whatever the size: see _is_exporting.
+        # graphs pad (possibly by 0) whatever the size: see
+        # fast_paths.is_exporting.
         # (ceil(H / wh) * wh - H: floor division only, which keeps the
         # exporter's symbolic sizes simple.)
         nh, nw = (H + wh - 1) // wh, (W + ww - 1) // ww
         pad_b, pad_r = nh * wh - H, nw * ww - W
-        padded = _is_exporting() or bool(pad_b or pad_r)
+        padded = fast_paths.is_exporting() or bool(pad_b or pad_r)
         if padded:
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         windows = _reshape(
@@ -400,9 +388,10 @@ class Downsample(nn.Module):
         H, W = x.shape[1:3]
         if self.projection.kernel_size[0] != 2:
             pass  # an odd kernel pads inside the conv
-        elif _is_exporting():
-            # One zero row/column whatever the size (see _is_exporting): the
-            # 2x2 stride-2 conv never reads it on an even map.
+        elif fast_paths.is_exporting():
+            # One zero row/column whatever the size (see
+            # fast_paths.is_exporting): the 2x2 stride-2 conv never reads it
+            # on an even map.
             x = F.pad(x, (0, 0, 0, 1, 0, 1))
         elif H % 2 or W % 2:
             x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
@@ -918,6 +907,85 @@ class DaViT(BaseBackbone):
         # Weights of another arch are refused here, whatever loads them:
         # mmengine's loaders (get_model, init_cfg, load_from) would skip
         # them with a warning and leave a randomly initialised backbone.
-        from davit_ext.finetune import check_backbone_weights
-        check_backbone_weights(self, state_dict, prefix)
+        own = {
+            prefix + k: tuple(v.shape)
+            for k, v in self.state_dict().items()
+        }
+        theirs = {
+            k: tuple(v.shape) if hasattr(v, 'shape') else None
+            for k, v in state_dict.items() if k.startswith(prefix)
+        }
+        if any(k in theirs and _is_structural(k[len(prefix):]) for k in own):
+            problems = arch_problems(own, theirs, prefix)
+            if problems:
+                name = f'this {type(self).__name__}' + (f' ({prefix[:-1]})'
+                                                        if prefix else '')
+                raise CheckpointMismatchError(
+                    arch_refusal('the weights being loaded do not fit', name,
+                                 problems))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+# ------------------------------------------------------------ arch check
+# The backbone's own output norms (``norm<i>``, one per out_indices entry) are
+# not part of the arch: a model with more outputs than a checkpoint has new
+# ones.
+_OUTPUT_NORM = re.compile(r'norm\d+\.')
+
+
+def _is_structural(rest: str) -> bool:
+    return not _OUTPUT_NORM.match(rest)
+
+
+def _listing(items: List[str], limit: int = 3) -> str:
+    shown = ', '.join(items[:limit])
+    return shown + (f', ... ({len(items) - limit} more)'
+                    if len(items) > limit else '')
+
+
+def arch_problems(own: Dict[str, Optional[Tuple[int, ...]]],
+                  theirs: Dict[str, Optional[Tuple[int, ...]]],
+                  prefix: str) -> List[str]:
+    """How the backbone keys under ``prefix`` of ``theirs`` (name -> shape) are
+    another arch than ``own``'s (tensors of another shape, missing, extra);
+    empty if they are the same arch.
+
+    A pure check, no I/O.
+    """
+    mine = {
+        k
+        for k in own
+        if k.startswith(prefix) and _is_structural(k[len(prefix):])
+    }
+    other = {
+        k
+        for k in theirs
+        if k.startswith(prefix) and _is_structural(k[len(prefix):])
+    }
+    shapes = [
+        f'{k} (checkpoint {theirs[k]}, model {own[k]})' for k in own
+        if k in mine and k in other and theirs[k] != own[k]
+    ]
+    missing = [k for k in own if k in mine and k not in other]
+    extra = [k for k in theirs if k in other and k not in mine]
+    problems = []
+    if shapes:
+        problems.append(f'{len(shapes)} tensor(s) of another shape: '
+                        f'{_listing(shapes)}')
+    if missing:
+        problems.append(f'{len(missing)} backbone tensor(s) missing from the '
+                        f'checkpoint: {_listing(missing)}')
+    if extra:
+        problems.append(f'{len(extra)} backbone tensor(s) the model does not '
+                        f'have: {_listing(extra)}')
+    return problems
+
+
+def arch_refusal(subject: str, model_name: str, problems: List[str]) -> str:
+    """The message refusing weights of another arch."""
+    return (f'{subject} the backbone of {model_name}: '
+            f'it was trained with another arch ({"; ".join(problems)}). '
+            f'Fine-tuning may change the head (num_classes), not the '
+            f'backbone: use weights of the same arch (e.g. a '
+            f'davit-tiny checkpoint for arch="tiny"), or set '
+            f'model.backbone.arch to the checkpoint\'s arch.')

@@ -118,11 +118,22 @@ def turned_off(*names: str) -> Iterator[None]:
         OFF = saved
 
 
+def is_exporting() -> bool:
+    """True under ``torch.export`` (and the ONNX exporter built on it).
+
+    The graph it records must hold for every input size: there the model
+    computes its padding from the symbolic shape and applies it unconditionally
+    (zero amounts where none is needed) instead of behind a Python branch on
+    the example's size, which would be frozen into the graph.
+    """
+    exporting = getattr(torch.compiler, 'is_exporting', None)
+    return bool(exporting and exporting())
+
+
 def is_capturing() -> bool:
     """True while a tracer, compiler or exporter records the model."""
-    is_exporting = getattr(torch.compiler, 'is_exporting', None)
     return (torch.jit.is_tracing() or torch.jit.is_scripting()
-            or _is_compiling() or bool(is_exporting and is_exporting()))
+            or _is_compiling() or is_exporting())
 
 
 def plain(*modules: nn.Module) -> bool:
@@ -245,7 +256,9 @@ def _find_onednn_linear():
 ONEDNN_LINEAR = _find_onednn_linear()
 
 
-def _bf16_supported() -> bool:
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX);
+    elsewhere bf16 autocast is emulated, slower than fp32."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -257,7 +270,7 @@ def _bf16_supported() -> bool:
 # copied into the output first (10-15% faster on DaViT-T's shapes in a
 # microbenchmark on an AMD EPYC Zen 4).
 _ONEDNN_DTYPES = {torch.float32}
-if ONEDNN_LINEAR is not None and _bf16_supported():
+if ONEDNN_LINEAR is not None and cpu_has_bf16():
     _ONEDNN_DTYPES.add(torch.bfloat16)
 
 

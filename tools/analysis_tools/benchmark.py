@@ -303,7 +303,7 @@ def randomize_(model: nn.Module, seed: int) -> None:
 def build_candidates(args, notes: List[str]) -> 'OrderedDict[str, nn.Module]':
     """All candidates on CPU in fp32, sharing the weights of ``ours``."""
     import davit_ext  # noqa: F401  (registers our DaViT)
-    from davit_ext.converters import mmpretrain_to_timm
+    from davit_ext.weights.layouts import mmpretrain_to_timm
     arch = arch_settings(args.arch)
     models = OrderedDict()
     torch.manual_seed(args.seed)
@@ -356,7 +356,6 @@ def autocast(args, device: torch.device):
 # CPU flags that decide fp32/bf16 speed, printed with every run.
 CPU_FLAGS = ('avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16',
              'amx_tile', 'amx_bf16')
-BF16_FLAGS = ('avx512_bf16', 'amx_bf16')
 
 
 def cpu_model_and_flags() -> (str, List[str]):
@@ -386,17 +385,17 @@ def cpu_model_and_flags() -> (str, List[str]):
 
 
 def machine_info(args) -> Dict:
+    from davit_ext.models import fast_paths
     cpu, flags = cpu_model_and_flags()
     info = dict(
         cpu=cpu,
         cpu_flags=flags,
-        cpu_bf16=any(f in flags for f in BF16_FLAGS),
+        cpu_bf16=fast_paths.cpu_has_bf16(),
         cpu_count=os.cpu_count(),
         threads=torch.get_num_threads(),
         torch=torch.__version__,
         python=platform.python_version(),
         date=datetime.datetime.now().isoformat(timespec='seconds'))
-    from davit_ext.models import fast_paths
     info['ours_fp32_gemm'] = 'oneDNN' if fast_paths.ONEDNN_LINEAR else \
         'addmm (MKL/BLAS, as the peers)'
     for mod in ('mmpretrain', 'timm', 'mmengine'):

@@ -138,9 +138,9 @@ def build_classifier(cfg, checkpoint: str) -> torch.nn.Module:
     """Build ``cfg.model`` in its scope and load ``checkpoint`` strictly."""
     from mmengine.registry import DefaultScope
 
-    from davit_ext.checkpoint import (check_state_dict_fits,
-                                      load_checkpoint_file)
     from davit_ext.registry import MODELS
+    from davit_ext.weights import fit_pretrained, load_checkpoint_file
+    from davit_ext.weights.layouts import unwrap_state_dict
     model_cfg = cfg.model.copy()
     scope = model_cfg.pop('_scope_', cfg.get('default_scope', 'davit_ext'))
     with DefaultScope.overwrite_default_scope(scope):
@@ -148,15 +148,9 @@ def build_classifier(cfg, checkpoint: str) -> torch.nn.Module:
     # Safe loading (weights_only, sha256-checked downloads, clear offline
     # message), then a strict fit with every mismatch listed.
     ckpt = load_checkpoint_file(checkpoint, map_location='cpu')
-    check_state_dict_fits(
-        model, ckpt, checkpoint, strict=True, model_name='the config\'s model')
-    state_dict = ckpt.get('state_dict', ckpt)
+    fit_pretrained(model, ckpt, checkpoint, 'the config\'s model', strict=True)
     model.load_state_dict(
-        {
-            k[len('module.'):] if k.startswith('module.') else k: v
-            for k, v in state_dict.items()
-        },
-        strict=True)
+        unwrap_state_dict(ckpt, source=checkpoint), strict=True)
     return model.eval()
 
 
@@ -316,7 +310,7 @@ def main(argv=None) -> int:
             file=sys.stderr)
         return 1
     import davit_ext  # noqa: F401  (our modules and model names)
-    from davit_ext.checkpoint import CheckpointError
+    from davit_ext.errors import CheckpointError
     out_dir = osp.dirname(osp.abspath(args.output_file))
     try:
         if osp.isdir(args.output_file):

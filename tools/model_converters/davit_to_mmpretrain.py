@@ -22,17 +22,16 @@ a plain state dict. Nothing is written when the conversion fails.
 import argparse
 import os
 import os.path as osp
-import pickle
 import sys
 from collections import OrderedDict
 
 import torch
 
-from davit_ext.converters import (FLORENCE2_PREFIX, TARGET_LAYOUTS,
-                                  UnknownLayoutError, UnmappedKeysError,
-                                  convert, detect_layout, infer_num_stages,
-                                  unwrap_state_dict)
 from davit_ext.version import __version__
+from davit_ext.weights.layouts import (FLORENCE2_PREFIX, TARGET_LAYOUTS,
+                                       UnknownLayoutError, UnmappedKeysError,
+                                       convert, detect_layout,
+                                       infer_num_stages, unwrap_state_dict)
 
 
 def parse_args(argv=None):
@@ -65,7 +64,7 @@ def load_source(path: str, allow_pickle: bool = False):
     """Load a checkpoint file or http(s) URL.
 
     Safely by default: ``weights_only=True`` with the allowlist of what
-    mmengine's runner writes (davit_ext.checkpoint); downloads are checked
+    mmengine's runner writes (davit_ext.weights); downloads are checked
     against a sha256 where one is known. ``allow_pickle`` unpickles
     anything (trusted files only). A ``.safetensors`` file holds tensors
     only; of a Florence-2 one only the vision tower is read.
@@ -74,8 +73,9 @@ def load_source(path: str, allow_pickle: bool = False):
         tuple: The checkpoint and the names of tensors left unread (the
         non-vision-tower tensors of a Florence-2 ``.safetensors`` file).
     """
-    from davit_ext.checkpoint import download_checkpoint, safe_load_context
-    from davit_ext.florence2 import read_safetensors
+    from davit_ext.errors import UnsafeCheckpointError
+    from davit_ext.weights import download_checkpoint, safe_torch_load
+    from davit_ext.weights.florence2 import read_safetensors
     source = path
     if path.startswith(('http://', 'https://')):
         path = download_checkpoint(path)
@@ -95,33 +95,10 @@ def load_source(path: str, allow_pickle: bool = False):
     if allow_pickle:
         return torch.load(path, map_location='cpu', weights_only=False), []
     try:
-        with safe_load_context():  # allowlist, HistoryBuffer guarded
-            return torch.load(path, map_location='cpu', weights_only=True), []
-    except pickle.UnpicklingError as e:
-        lines = [ln.strip() for ln in str(e).splitlines()]
-        reason = next((ln for ln in lines if 'global' in ln.lower()), None)
-        if reason is None:  # not a refused object: a damaged/other file
-            raise RuntimeError(
-                f'{source} is not a PyTorch checkpoint: torch.load cannot '
-                'read it. Pass a .pth/.pt/.bin file saved by torch.save, or '
-                'a .safetensors file; a partial download must be fetched '
-                'again.') from None
-        raise RuntimeError(
-            f'refused to load {source}: it pickles objects other than '
-            'tensors, plain containers and what mmengine writes (e.g. the '
-            f'training arguments): {reason.split(". Please use")[0]}. '
-            'Nothing from the file was executed. If you trust the file, run '
-            'again with --allow-pickle.') from None
-    except (KeyError, EOFError, RuntimeError, ValueError, OSError,
-            UnicodeDecodeError, IndexError) as e:
-        # torch.load's own errors on other files are cryptic ("101" is the
-        # byte of a text file it read as a pickle opcode).
-        detail = '' if isinstance(e, KeyError) else f' ({e})'
-        raise RuntimeError(
-            f'{source} is not a PyTorch checkpoint: torch.load cannot read '
-            f'it{detail}. Pass a .pth/.pt/.bin file saved by '
-            'torch.save, or a .safetensors file; a partial download must be '
-            'fetched again.') from None
+        return safe_torch_load(path, map_location='cpu', source=source), []
+    except UnsafeCheckpointError as e:
+        raise RuntimeError(f'{e} If you trust the file, run again with '
+                           '--allow-pickle.') from None
 
 
 def main(argv=None) -> int:

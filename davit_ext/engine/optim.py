@@ -14,20 +14,8 @@ import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.optim import OptimWrapper
 
-from .registry import OPTIM_WRAPPERS
-
-
-def cpu_has_bf16() -> bool:
-    """Whether /proc/cpuinfo lists bf16 instructions (AVX512-BF16 or AMX).
-
-    Autocast also runs without them, only more slowly (emulated).
-    """
-    try:
-        with open('/proc/cpuinfo') as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return 'avx512_bf16' in flags or 'amx_bf16' in flags
+from davit_ext.models.fast_paths import cpu_has_bf16
+from davit_ext.registry import OPTIM_WRAPPERS
 
 
 @OPTIM_WRAPPERS.register_module()

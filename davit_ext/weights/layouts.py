@@ -42,12 +42,14 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from torch import Tensor
 
+from davit_ext.errors import (CheckpointMismatchError, UnknownLayoutError,
+                              UnmappedKeysError)
+
 __all__ = [
-    'LAYOUTS', 'TARGET_LAYOUTS', 'UnmappedKeysError', 'UnknownLayoutError',
-    'convert', 'detect_layout', 'florence2_vision_tower', 'unwrap_state_dict',
-    'infer_num_stages', 'timm_to_mmpretrain', 'mmpretrain_to_timm',
-    'official_to_mmpretrain', 'mmpretrain_to_official', 'official_to_timm',
-    'timm_to_official'
+    'LAYOUTS', 'TARGET_LAYOUTS', 'convert', 'detect_layout',
+    'florence2_vision_tower', 'unwrap_state_dict', 'infer_num_stages',
+    'timm_to_mmpretrain', 'mmpretrain_to_timm', 'official_to_mmpretrain',
+    'mmpretrain_to_official', 'official_to_timm', 'timm_to_official'
 ]
 
 LAYOUTS = ('mmpretrain', 'timm', 'official', 'florence2')
@@ -147,24 +149,6 @@ _COMPILED = [
 ]
 
 
-class UnmappedKeysError(KeyError):
-    """Some keys of a state dict fit no rule of the conversion."""
-
-    def __init__(self, src: str, dst: str, keys: List[str]) -> None:
-        shown = ', '.join(keys[:20]) + (' ...' if len(keys) > 20 else '')
-        super().__init__(
-            f'{len(keys)} key(s) of the {src} DaViT state dict have no {dst} '
-            f'equivalent: {shown}')
-        self.keys = keys
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return self.args[0]
-
-
-class UnknownLayoutError(ValueError):
-    """A state dict is in none of the known DaViT layouts."""
-
-
 def _check_layout(name: str, what: str) -> str:
     choices = TARGET_LAYOUTS if what == 'target' else LAYOUTS
     if name not in choices:
@@ -192,24 +176,28 @@ def florence2_vision_tower(
     return tower, others
 
 
-def unwrap_state_dict(checkpoint: Mapping[str, Any],
-                      key: Optional[str] = None) -> Dict[str, Tensor]:
-    """Return the state dict inside a loaded checkpoint.
+def unwrap_state_dict(checkpoint: Any,
+                      key: Optional[str] = None,
+                      source: str = 'the checkpoint') -> Dict[str, Tensor]:
+    """The state dict inside a loaded checkpoint: the one place that unwraps.
 
     A checkpoint is either a plain state dict or a dict holding one under
     ``key`` (by default the first of ``state_dict``, ``model``,
-    ``state_dict_ema``, ``model_ema`` that is there). A ``module.`` prefix on
-    every key (a model saved from inside ``DistributedDataParallel``) is
-    dropped.
+    ``state_dict_ema``, ``model_ema`` that is there). DDP's ``module.``
+    prefix is dropped from the keys that have it.
+
+    Raises:
+        CheckpointMismatchError: not a dict, or ``key`` is not in it.
     """
     if not isinstance(checkpoint, Mapping):
-        raise TypeError(
-            'A DaViT checkpoint must be a dict (a state dict or one that '
-            f'holds it); got {type(checkpoint).__name__}.')
+        raise CheckpointMismatchError(
+            f'checkpoint {source} holds a {type(checkpoint).__name__}, not a '
+            f'dict of weights: it is not a model checkpoint.')
     if key is not None:
         if key not in checkpoint:
-            raise KeyError(f'The checkpoint has no {key!r} entry; its entries '
-                           f'are {sorted(map(str, checkpoint))[:20]}.')
+            raise CheckpointMismatchError(
+                f'checkpoint {source} has no {key!r} entry; its entries are '
+                f'{sorted(map(str, checkpoint))[:20]}.')
         state_dict = checkpoint[key]
     else:
         state_dict = checkpoint
@@ -217,9 +205,14 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any],
             if isinstance(checkpoint.get(name), Mapping):
                 state_dict = checkpoint[name]
                 break
-    if state_dict and all(k.startswith('module.') for k in state_dict):
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointMismatchError(
+            f'checkpoint {source}: "{key}" is a {type(state_dict).__name__}, '
+            f'not a dict of tensors.')
+    if any(k.startswith('module.') for k in state_dict):
         state_dict = OrderedDict(
-            (k[len('module.'):], v) for k, v in state_dict.items())
+            (k[len('module.'):] if k.startswith('module.') else k, v)
+            for k, v in state_dict.items())
     return state_dict
 
 

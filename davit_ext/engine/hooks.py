@@ -1,11 +1,16 @@
-"""Hooks davit_ext's tools add to every training run.
+"""Hooks of every davit_ext run (listed in the runtime base's
+``custom_hooks``).
 
-:class:`RandomStateHook` makes ``--resume`` lose nothing: mmengine saves the
-weights, optimizer, schedulers and message hub, but not the random
-generators, so after a resume drop-path, Mixup/CutMix and random data
-augmentation would draw different numbers than the uninterrupted run did.
+- :class:`RandomStateHook` makes ``--resume`` lose nothing: mmengine saves
+  the weights, optimizer, schedulers and message hub, but not the random
+  generators, so after a resume drop-path, Mixup/CutMix and random data
+  augmentation would draw different numbers than the uninterrupted run did.
+- :class:`FitLoadFromHook` applies the fit policy
+  (:mod:`davit_ext.weights.fit`) to the checkpoint the runner has just read,
+  before it reaches the model: once per load, with no second read.
 """
 import random
+import re
 from typing import Any, List, Optional
 
 import numpy as np
@@ -13,7 +18,9 @@ import torch
 from mmengine.dist import all_gather_object, get_dist_info
 from mmengine.hooks import CheckpointHook, Hook
 
+from davit_ext.errors import CheckpointStateError, NothingToResume
 from davit_ext.registry import HOOKS
+from davit_ext.weights.fit import fit_pretrained, fit_warning
 
 #: Key of the saved states in a checkpoint (a list with one entry per rank).
 CHECKPOINT_KEY = 'random_states'
@@ -139,3 +146,96 @@ class RandomStateHook(Hook):
         if self._before_val is not None:
             set_random_states(self._before_val)
             self._before_val = None
+
+
+@HOOKS.register_module()
+class FitLoadFromHook(Hook):
+    """The fit policy for the checkpoint the runner loads.
+
+    Called with the checkpoint the runner has read, before it reaches the
+    model:
+
+    - ``--resume``: the checkpoint must hold the training state
+      (:class:`~davit_ext.errors.CheckpointStateError`), fit the model
+      exactly, and leave something to train
+      (:class:`~davit_ext.errors.NothingToResume`);
+    - ``load_from`` of a training run: the fine-tuning policy. Another
+      backbone arch is refused; otherwise one warning names what keeps its
+      initialisation, and mmengine is handed a state dict that fits (the kept
+      tensors' initialised values, the ignored ones removed);
+    - testing (``tools/test.py CONFIG CHECKPOINT``): an exact fit.
+
+    Mismatches raise :class:`~davit_ext.errors.CheckpointMismatchError`.
+    """
+    priority = 'VERY_HIGH'
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        from mmengine.runner import BaseLoop
+        model = runner.model
+        if hasattr(model, 'module') and isinstance(model.module,
+                                                   torch.nn.Module):
+            model = model.module
+        source = str(getattr(runner, '_load_from', None) or 'the checkpoint')
+        name = f'the model of {_config_name(runner)}'
+        if getattr(runner, '_resume', False):
+            _check_training_state(checkpoint, source)
+            fit_pretrained(model, checkpoint, source, name, strict=True)
+            _check_work_left(runner, checkpoint, source)
+            return
+        if not isinstance(getattr(runner, '_train_loop', None), BaseLoop):
+            fit_pretrained(model, checkpoint, source, name, strict=True)
+            return
+        fit = fit_pretrained(model, checkpoint, source, name)
+        message = fit_warning(fit, source)
+        if message is None:
+            return
+        runner.logger.warning(message)
+        state_dict = checkpoint.get('state_dict', checkpoint)
+        names = {re.sub(r'^module\.', '', k): k for k in state_dict}
+        own = model.state_dict()
+        for key in fit.kept_keys:
+            state_dict[names.get(key, key)] = own[key].detach().clone()
+        for key in fit.ignored:
+            del state_dict[names[key]]
+
+
+def _config_name(runner) -> str:
+    import os.path as osp
+    name = getattr(getattr(runner, 'cfg', None), 'filename', None)
+    return osp.basename(name) if name else 'the config'
+
+
+def _check_training_state(checkpoint: Any, source: str) -> None:
+    meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
+    missing = [
+        k for k in ('epoch', 'iter')
+        if not isinstance(meta, dict) or k not in meta
+    ]
+    if not isinstance(checkpoint, dict) or 'message_hub' not in checkpoint:
+        missing.append('message_hub')
+    if missing:
+        raise CheckpointStateError(
+            f'checkpoint {source} holds weights but not the training state '
+            f'needed to resume ({", ".join(missing)} missing): it was not '
+            f'saved by an mmengine training run. To start training from '
+            f'these weights, pass them as --cfg-options load_from={source} '
+            f'instead of --resume.')
+
+
+def _check_work_left(runner, checkpoint: dict, source: str) -> None:
+    """Raise :class:`NothingToResume` if the checkpoint already reached the
+    train loop's end."""
+    from mmengine.runner import EpochBasedTrainLoop
+    loop = runner.train_loop
+    unit = 'epoch' if isinstance(loop, EpochBasedTrainLoop) else 'iter'
+    done = checkpoint['meta'].get(unit)
+    total = getattr(loop, f'max_{unit}s', None)
+    if not isinstance(done, int) or not isinstance(total, int) or \
+            done < total:
+        return
+    plural = '' if done == 1 else 's'
+    more = done + (1 if unit == 'epoch' else 1000)
+    raise NothingToResume(
+        f'nothing to resume: checkpoint {source} has already done {done} '
+        f'{unit}{plural} and train_cfg.max_{unit}s is {total}. To train '
+        f'longer, raise it, e.g. --cfg-options train_cfg.max_{unit}s={more}')

@@ -5,7 +5,7 @@ whole vision-language model in one ``pytorch_model.bin`` or
 ``model.safetensors``; its image encoder is a DaViT under ``vision_tower.*``
 (our archs ``base-fl`` and ``huge-fl``). This module reads such a file
 safely, keeps the tower, and converts it to our (mmpretrain) layout with
-:mod:`davit_ext.converters`:
+:mod:`davit_ext.weights.layouts`:
 
 - :func:`read_safetensors` -- a ``.safetensors`` file (no pickle at all),
   optionally reading only the tensors under a prefix;
@@ -22,8 +22,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from torch import Tensor
 
-from .converters import (FLORENCE2_PREFIX, UnknownLayoutError, convert,
-                         detect_layout, infer_num_stages, unwrap_state_dict)
+from davit_ext.errors import CheckpointDownloadError, UnknownLayoutError
+from .download import download_checkpoint
+from .layouts import (FLORENCE2_PREFIX, convert, detect_layout,
+                      infer_num_stages, unwrap_state_dict)
+from .safe_load import safe_torch_load
 
 __all__ = [
     'SCHEME', 'read_safetensors', 'load_vision_tower', 'load_from_florence2',
@@ -77,7 +80,6 @@ def _read_any(path: str) -> Tuple[Dict[str, Any], List[str]]:
     """A Florence-2 (or any) weights file -> (state dict, keys not read)."""
     if path.endswith('.safetensors'):
         return read_safetensors(path, prefix=FLORENCE2_PREFIX)
-    from .checkpoint import safe_torch_load
     return unwrap_state_dict(safe_torch_load(path, map_location='cpu')), []
 
 
@@ -90,7 +92,7 @@ def load_vision_tower(path: str) -> Tuple['OrderedDict[str, Tensor]', Dict]:
 
     Returns:
         tuple: The state dict in our layout (``backbone.*`` keys, an
-        identity output norm added, see :mod:`davit_ext.converters`) and a
+        identity output norm added, see :mod:`davit_ext.weights.layouts`) and a
         dict with ``num_stages``, ``converted`` (tensors taken from the
         file) and ``ignored`` (the file's other tensors).
 
@@ -119,7 +121,6 @@ def load_from_florence2(filename: str, map_location: Any = None) -> Dict:
     ``<torch hub dir>/checkpoints/florence2/<repo>/`` and returns
     ``{'state_dict': <our layout>, 'meta': ...}``.
     """
-    from .checkpoint import CheckpointDownloadError, download_checkpoint
     url = 'https://' + filename[len(SCHEME):]
     parts = filename[len(SCHEME):].split('/')
     # One folder per repository: base and large files share their names.
@@ -156,7 +157,7 @@ def load_from_florence2(filename: str, map_location: Any = None) -> Dict:
         meta=dict(converted_from='florence2', source=url, **info))
 
 
-# It reads only through safe_torch_load / safetensors: davit_ext.checkpoint's
+# It reads only through safe_torch_load / safetensors: the schemes'
 # install() keeps it instead of refusing an unknown scheme.
 load_from_florence2._davit_ext_safe = True
 

@@ -16,18 +16,15 @@ from typing import Dict, List
 import torch
 import torch.distributed as torch_dist
 
+from davit_ext.errors import LauncherError
+
 __all__ = [
-    'LauncherError', 'has_cuda', 'adapt_config_to_device', 'init_distributed',
-    'process_rank'
+    'has_cuda', 'adapt_config_to_device', 'init_distributed', 'process_rank'
 ]
 
 #: Model wrappers that take DDP's ``device_ids`` argument.
 _DDP_WRAPPERS = ('MMDistributedDataParallel', 'DistributedDataParallel',
                  'mmengine.MMDistributedDataParallel')
-
-
-class LauncherError(RuntimeError):
-    """The launcher's environment is missing; says how to start the job."""
 
 
 def has_cuda() -> bool:
@@ -54,8 +51,12 @@ def adapt_config_to_device(cfg) -> List[str]:
     if has_cuda():
         return []
     notes = []
-    env_cfg = cfg.setdefault('env_cfg', {})
-    dist_cfg = env_cfg.setdefault('dist_cfg', {})
+    # ConfigDict.setdefault stores a converted copy of its default: read the
+    # stored one back, or the switch would be noted but lost.
+    cfg.setdefault('env_cfg', {})
+    env_cfg = cfg['env_cfg']
+    env_cfg.setdefault('dist_cfg', {})
+    dist_cfg = env_cfg['dist_cfg']
     if dist_cfg.get('backend', 'nccl') not in ('gloo', 'mpi'):
         notes.append(f'env_cfg.dist_cfg.backend: '
                      f"{dist_cfg.get('backend', 'nccl')!r} -> 'gloo'")

@@ -1,0 +1,35 @@
+"""Code of the command-line tools only (``tools/train.py``, ``tools/test.py``,
+``demo/``): argument parsing, cheap start-up checks, the work_dir guard and
+distributed set-up without a GPU.
+
+Nothing else in davit_ext imports it.
+"""
+import sys
+from typing import Any, Callable
+
+from davit_ext.errors import USER_ERRORS
+from .dist import process_rank
+
+__all__ = ['run_tool', 'build_runner']
+
+
+def run_tool(main: Callable[[], Any]) -> Any:
+    """Call ``main()``; a :data:`~davit_ext.errors.USER_ERRORS` exception
+    becomes one line on stderr (rank 0 only) and exit status 2."""
+    try:
+        return main()
+    except USER_ERRORS as err:
+        if process_rank() == 0:
+            print(f'error: {err}', file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def build_runner(cfg: Any, guard: Any) -> Any:
+    """The runner of ``cfg`` (``runner_type`` if given), with ``guard``'s
+    started-hook registered."""
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else \
+        RUNNERS.build(cfg)
+    runner.register_hook(guard.hook(), priority='HIGHEST')
+    return runner
