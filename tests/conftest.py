@@ -75,5 +75,6 @@ def offline_hub(monkeypatch, tmp_path):
         raise urllib.error.URLError('Name or service not known')
 
     monkeypatch.setattr(urllib.request, 'urlopen', refuse)
+    monkeypatch.setattr(torch.hub, 'urlopen', refuse)  # torch's downloads
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
     return tmp_path

@@ -43,7 +43,6 @@ def tiny(tmp_path_factory):
     a checkpoint of its model that has done 2 epochs (8 iterations)."""
     from mmengine.config import Config
 
-    from davit_ext.startup import check_model_builds  # noqa: F401
     root = tmp_path_factory.mktemp('bad_input')
     for split in ('train', 'val'):
         for label in (0, 1):
@@ -116,9 +115,12 @@ def test_resume_with_nothing_left_to_train(call, tiny):
     code, _, err = call('train', config, '--work-dir', str(work), '--resume',
                         ckpt, '--cfg-options', 'train_cfg.max_epochs=1')
     assert code == 2 and 'max_epochs is 1.' in _one_line(err)
-    code, _, err = call('train', config, '--work-dir', str(work), '--resume',
-                        ckpt, '--cfg-options', 'train_cfg.by_epoch=False',
-                        'train_cfg.max_iters=8', 'train_cfg.max_epochs=None')
+    by_iter = root / 'tiny_by_iter.py'
+    by_iter.write_text("_base_ = ['./tiny.py']\n"
+                       'train_cfg = dict(_delete_=True, by_epoch=False, '
+                       'max_iters=8, val_interval=4)\n')
+    code, _, err = call('train', str(by_iter), '--work-dir', str(work),
+                        '--resume', ckpt)
     assert code == 2
     assert _one_line(err).startswith(
         f'nothing to resume: checkpoint {ckpt} has already done 8 iters and '
@@ -167,7 +169,7 @@ def test_test_tool_checks_out_before_it_starts(call, tiny, out, item, message):
 
 
 def test_out_in_a_folder_still_to_make_is_fine(tmp_path):
-    from davit_ext.startup import check_output_file
+    from davit_ext.cli.checks import check_output_file
     check_output_file(str(tmp_path / 'new' / 'deeper' / 'res.pkl'), None)
     check_output_file(str(tmp_path / 'new' / 'm.json'), 'metrics')
     assert os.listdir(tmp_path) == []  # and nothing made by the check
@@ -232,10 +234,13 @@ def test_failed_start_of_a_test_leaves_the_work_dir_as_it_was(call, tiny):
 
 
 def test_work_dir_guard(tmp_path):
-    from davit_ext.startup import WorkDirGuard
+    from types import SimpleNamespace
+
+    from davit_ext.cli.workdir import WorkDirGuard
     work = tmp_path / 'w'
     before = _previous_run(work)
-    config = str(tmp_path / 'tiny.py')
+    cfg = SimpleNamespace(
+        work_dir=str(work), filename=str(tmp_path / 'tiny.py'))
 
     def runner_start():
         (work / '20991231_235959' / 'vis_data').mkdir(
@@ -243,13 +248,13 @@ def test_work_dir_guard(tmp_path):
         (work / 'tiny.py').write_text('# this run\n')
 
     with pytest.raises(RuntimeError):
-        with WorkDirGuard(str(work), config):
+        with WorkDirGuard(cfg):
             runner_start()
             raise RuntimeError('failed while building the dataloader')
     _unchanged(work, before)
     # once the run has started, what it wrote stays
     with pytest.raises(RuntimeError):
-        with WorkDirGuard(str(work), config) as guard:
+        with WorkDirGuard(cfg) as guard:
             runner_start()
             guard.started()
             raise RuntimeError('failed in epoch 3')
@@ -258,7 +263,7 @@ def test_work_dir_guard(tmp_path):
     # a copy that did not exist before is removed; other new files stay
     (work / 'tiny.py').unlink()
     with pytest.raises(RuntimeError):
-        with WorkDirGuard(str(work), config):
+        with WorkDirGuard(cfg):
             runner_start()
             (work / 'user_notes.txt').write_text('mine')
             raise RuntimeError('failed')
@@ -470,8 +475,8 @@ def test_official_mode_at_a_size_not_a_multiple_of_4_matches_timm():
     226x225 tells the sides apart; timm's port is the oracle.
     """
     timm = pytest.importorskip('timm')
-    from davit_ext import converters
     from davit_ext.registry import MODELS
+    from davit_ext.weights import layouts as converters
     torch.manual_seed(0)
     ref = timm.models.davit.DaVit(
         depths=(1, 1, 1, 1),
@@ -500,15 +505,15 @@ def test_official_mode_at_a_size_not_a_multiple_of_4_matches_timm():
 
 
 def test_non_strict_check_refuses_a_backbone_tensor_of_the_wrong_shape():
-    from davit_ext.checkpoint import CheckpointError, check_state_dict_fits
+    from davit_ext.errors import CheckpointError
+    from davit_ext.weights import fit_pretrained
     model = DaViT(arch=dict(embed_dims=8, depths=[1] * 4, num_heads=[1] * 4))
     state = model.state_dict()
     key = 'patch_embed.projection.weight'
     state[key] = torch.zeros(8, 3, 5, 5)
     del state['norm3.weight']  # missing keys are fine when not strict
     with pytest.raises(CheckpointError) as err:
-        check_state_dict_fits(
-            model, {'state_dict': state}, 'ck.pth', strict=False)
+        fit_pretrained(model, {'state_dict': state}, 'ck.pth')
     assert key in str(err.value)
     assert '(8, 3, 5, 5)' in str(err.value)
     assert '(8, 3, 7, 7)' in str(err.value)

@@ -71,8 +71,10 @@ INTENDED = {
     'model._scope_': ('davit_ext', MISSING),
     'custom_imports.imports': (['davit_ext'], MISSING),
     'custom_imports.allow_failed_imports': (False, MISSING),
-    # a variable of our dataset base (its value is in every data_root)
-    'data_root': ('data/imagenet', MISSING),
+    # our hooks, declared by our runtime base
+    'custom_hooks.#len': (2, MISSING),
+    'custom_hooks.0.type': ('davit_ext.RandomStateHook', MISSING),
+    'custom_hooks.1.type': ('davit_ext.FitLoadFromHook', MISSING),
 }
 ARCH_ALIAS = {'small': ('s', 'small'), 'base': ('b', 'base')}
 OFFICIAL = {
@@ -101,6 +103,14 @@ def _flat(value, prefix=''):
 
 def _differences(ours, theirs):
     a, b = _flat(ours.to_dict()), _flat(theirs.to_dict())
+    # What our configs inherit through 'mmpretrain::' bases carries
+    # _scope_='mmpretrain' (mmengine marks what comes from another package);
+    # the same types are built either way.
+    a = {
+        k: v
+        for k, v in a.items()
+        if not (k.endswith('._scope_') and v == 'mmpretrain')
+    }
     return {
         k: (a.get(k, MISSING), b.get(k, MISSING))
         for k in sorted(set(a) | set(b))
@@ -131,8 +141,13 @@ def test_runtime_base_scope_and_cpu_fallback():
     rt = _config('configs/_base_/default_runtime.py')
     assert rt.default_scope == 'davit_ext'
     assert rt.env_cfg.dist_cfg == dict(backend='nccl')  # tools switch to gloo
-    assert rt.default_hooks.checkpoint == dict(
-        type='CheckpointHook', interval=1)
+    checkpoint = dict(rt.default_hooks.checkpoint)
+    assert checkpoint.pop('_scope_', 'mmpretrain') == 'mmpretrain'
+    assert checkpoint == dict(type='CheckpointHook', interval=1)
+    assert rt.custom_hooks == [
+        dict(type='davit_ext.RandomStateHook'),
+        dict(type='davit_ext.FitLoadFromHook')
+    ]
 
 
 def test_metafile_and_model_index():

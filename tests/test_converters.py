@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import davit_ext  # noqa: F401
-from davit_ext import converters as C
 from davit_ext.registry import MODELS
+from davit_ext.weights import layouts as C
 
 timm = pytest.importorskip('timm')
 
@@ -56,11 +56,56 @@ def timm_tiny():
     return timm.create_model('davit_tiny').eval()
 
 
+def randomise_constant_parameters(model, seed=0):
+    """Give every parameter left at a constant init its own random values.
+
+    A fresh timm DaViT has every LayerNorm at weight 1 / bias 0 and every
+    Linear bias at 0: a conversion that swapped two norms (norm1/norm2, the
+    stem's and a downsample's, ...) or two biases would give the same logits.
+    Norm weights become U(0.5, 1.5), biases (and any other constant) move by
+    U(-0.5, 0.5), so each tensor is told apart from every other.
+
+    Returns:
+        list[str]: The names of the parameters changed.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    changed = []
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            flat = param.detach().flatten()
+            if not bool((flat == flat[0]).all()):
+                continue
+            noise = torch.rand(param.shape, generator=gen) - 0.5
+            param.add_(noise.to(param.dtype))
+            changed.append(name)
+    return changed
+
+
 @pytest.mark.parametrize('arch', ['tiny', 'small', 'base'])
 def test_timm_oracle_logits(arch, tmp_path):
-    """timm checkpoint -> tool -> our official mode == timm's logits."""
+    """timm checkpoint -> tool -> our official mode == timm's logits.
+
+    The timm model's constant-initialised parameters (every norm, every Linear
+    bias) are randomised first: with norms at 1/0, a conversion that swapped
+    two norms would still give timm's logits.
+    """
     torch.manual_seed(0)
     ref = timm.create_model(f'davit_{arch}').eval()
+    changed = randomise_constant_parameters(ref, seed=0)
+    norms = [
+        name for name, mod in ref.named_modules()
+        if isinstance(mod, torch.nn.LayerNorm)
+    ]
+    assert norms, 'timm DaViT without LayerNorms?'
+    for name in norms:  # every norm (LayerNorm2d too) is randomised
+        assert f'{name}.weight' in changed and f'{name}.bias' in changed
+    for name, param in ref.named_parameters():  # nothing constant is left
+        flat = param.detach().flatten()
+        assert not bool((flat == flat[0]).all()), name
+    # all norms differ from one another (a swap of two would show)
+    weights = [ref.get_parameter(f'{n}.weight') for n in norms]
+    assert all(a.shape != b.shape or not torch.equal(a, b)
+               for i, a in enumerate(weights) for b in weights[i + 1:])
     src, dst = tmp_path / 'timm.pth', tmp_path / 'mm.pth'
     torch.save({'state_dict_ema': ref.state_dict()}, src)
     assert tool.main([str(src), str(dst)]) == 0
@@ -220,8 +265,8 @@ def test_pickled_extras_need_allow_pickle(timm_tiny, tmp_path, capsys):
     src, dst = str(tmp_path / 'off.pth'), str(tmp_path / 'mm.pth')
     assert tool.main([src, dst]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f'error: refused to load {src}: ')
-    assert 'GLOBAL argparse.Namespace' in err
+    assert err.startswith(f'error: refused to load checkpoint {src}: ')
+    assert 'not allowed: argparse.Namespace' in err
     assert 'Nothing from the file was executed' in err
     assert err.strip().endswith(
         'If you trust the file, run again with --allow-pickle.')
@@ -269,7 +314,8 @@ def test_safetensors_source(timm_tiny, tmp_path):
 
 
 def test_unwrap_explicit_key_missing():
-    with pytest.raises(KeyError, match="no 'ema' entry"):
+    from davit_ext.errors import CheckpointMismatchError
+    with pytest.raises(CheckpointMismatchError, match="no 'ema' entry"):
         C.unwrap_state_dict({'model': {}}, key='ema')
 
 
@@ -290,8 +336,10 @@ def test_non_checkpoint_files_fail_clearly(name, content, tmp_path, capsys):
         assert err.startswith(f'error: {src} is not a valid .safetensors '
                               'file (')
     else:
-        assert err == (
-            f'error: {src} is not a PyTorch checkpoint: torch.load cannot '
-            'read it. Pass a .pth/.pt/.bin file saved by torch.save, or a '
-            '.safetensors file; a partial download must be fetched again.')
+        assert err.startswith(
+            f'error: cannot read checkpoint {src}: the file is truncated, '
+            'damaged or not a torch checkpoint (')
+        assert err.endswith('Copy or download it again; for a run of your '
+                            'own, resume from an earlier epoch_N.pth / '
+                            'iter_N.pth in its work_dir.')
     assert not dst.exists()

@@ -1,6 +1,7 @@
 """Fine-tuning: load_from with a new head, another arch refused (load_from,
 get_model, inference_model, image_demo), layer-wise lr decay through
 get_layer_depth, contiguous stage outputs, the custom fine-tune config."""
+import functools
 import importlib.util
 import os.path as osp
 import re
@@ -14,10 +15,13 @@ from mmengine.config import Config
 from mmengine.hooks import Hook
 from PIL import Image
 
-from davit_ext.checkpoint import CheckpointMismatchError, load_checkpoint_file
-from davit_ext.finetune import fit_pretrained, fit_warning
+from davit_ext.errors import CheckpointMismatchError
 from davit_ext.models.davit import DaViT
 from davit_ext.registry import HOOKS, MODELS
+from davit_ext.weights import fit_pretrained, fit_warning, load_checkpoint_file
+
+# the strict policy (resume, test, export) of the one fit function
+check_state_dict_fits = functools.partial(fit_pretrained, strict=True)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 MINI = dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2])
@@ -192,24 +196,29 @@ def test_init_cfg_of_another_arch_is_refused(data, capsys, davit_scope):
         ])
     assert exc.value.code == 2
     msg = _one_line(capsys.readouterr().err)
+    # refused by the backbone itself, as the runner's init_weights loads it
     assert msg.startswith(
-        f'error: checkpoint {data.other} does not fit the backbone of the '
-        'model of cfg.py: it was trained with another arch (144 '
-        'tensor(s) of another shape: patch_embed.projection.weight '
-        '(checkpoint (24, 3, 7, 7), model (16, 3, 7, 7)), ')
+        'error: the weights being loaded do not fit the backbone of this '
+        'DaViT: it was trained with another arch (144 tensor(s) of another '
+        'shape: patch_embed.projection.weight (checkpoint (24, 3, 7, 7), '
+        'model (16, 3, 7, 7)), ')
     assert not work.exists()
-    # the same arch passes; a prefix the checkpoint lacks does not
-    from davit_ext.preflight import check_backbone_init
-    cfg = Config.fromfile(data.config)
-    cfg.model.backbone.init_cfg = dict(
-        type='Pretrained', checkpoint=data.published, prefix='backbone')
-    check_backbone_init(cfg)
-    cfg.model.backbone.init_cfg.prefix = 'model'
-    with pytest.raises(
-            CheckpointMismatchError,
-            match='no key starting with '
-            "'model.' \\(model.backbone.init_cfg.prefix\\)"):
-        check_backbone_init(cfg)
+    # the same arch passes; a prefix the checkpoint lacks is one line too
+    for prefix, code in (('backbone', 0), ('model', 2)):
+        try:
+            _tool('train').main([
+                data.config, '--work-dir',
+                str(work), '--cfg-options', 'train_cfg.max_epochs=0',
+                'model.backbone.init_cfg.type=Pretrained',
+                f'model.backbone.init_cfg.checkpoint={data.published}',
+                f'model.backbone.init_cfg.prefix={prefix}'
+            ])
+            status = 0
+        except SystemExit as exc:
+            status = exc.code
+        assert status == code, prefix
+    assert 'model. is not in the pretrained model' in _one_line(
+        capsys.readouterr().err)
 
 
 def test_fit_policy(data):
@@ -260,12 +269,171 @@ def test_fit_policy(data):
                        'a') is None
 
 
+def _refusal(call, *args, **kwargs):
+    """The message of the CheckpointMismatchError ``call`` raises."""
+    with pytest.raises(CheckpointMismatchError) as exc:
+        call(*args, **kwargs)
+    return str(exc.value)
+
+
+QKV = 'backbone.stages.1.blocks.0.channel_block.attn.qkv.weight'  # (96, 32)
+
+
+def test_fit_refuses_one_backbone_tensor_of_another_shape():
+    torch.manual_seed(0)
+    model = _classifier(3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt = dict(model.state_dict())  # same keys, one tensor reshaped
+    ckpt[QKV] = torch.zeros(96, 24)
+    msg = _refusal(fit_pretrained, model, {'state_dict': ckpt}, 'bad.pth', 'M')
+    assert msg.startswith(
+        'checkpoint bad.pth does not fit the backbone of M: it was trained '
+        'with another arch (1 tensor(s) of another shape: '
+        f'{QKV} (checkpoint (96, 24), model (96, 32))). ')
+    assert 'missing' not in msg and 'does not have' not in msg
+    # the strict (resume/test) policy names it in its own words
+    msg = _refusal(check_state_dict_fits, model, ckpt, 'bad.pth', 'M')
+    assert msg.startswith(
+        'checkpoint bad.pth does not fit M: 1 shape mismatch(es): '
+        f'{QKV} (checkpoint (96, 24), model (96, 32)). '), msg
+    # a whole backbone of another embed dim: the first tensor is named
+    other = _classifier(3, dict(MINI, embed_dims=24)).state_dict()
+    msg = _refusal(fit_pretrained, model, other, 'e24.pth', 'M')
+    assert msg.startswith(
+        'checkpoint e24.pth does not fit the backbone of M: it was trained '
+        'with another arch (144 tensor(s) of another shape: '
+        'backbone.patch_embed.projection.weight (checkpoint (24, 3, 7, 7), '
+        'model (16, 3, 7, 7)), backbone.patch_embed.projection.bias '
+        '(checkpoint (24,), model (16,)), ')
+    # nothing was loaded by the checks
+    assert all(
+        torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # an output norm of another shape is "head": kept, not refused
+    ckpt = dict(model.state_dict())
+    ckpt['backbone.norm3.weight'] = torch.ones(64)
+    fit = fit_pretrained(model, ckpt, 'n.pth')
+    assert fit.kept == [
+        'backbone.norm3.weight (checkpoint (64,), model '
+        '(128,))'
+    ]
+    assert fit.kept_keys == ['backbone.norm3.weight']
+    assert len(fit.loaded) == 147 and fit.ignored == []
+
+
+def test_fit_keeps_a_head_of_another_num_classes():
+    torch.manual_seed(0)
+    model = _classifier(3)
+    ckpt = _classifier(10).state_dict()
+    fit = fit_pretrained(model, {'state_dict': ckpt, 'meta': {}}, 'p.pth')
+    assert fit.kept == [
+        'head.fc.weight (checkpoint (10, 128), model (3, 128))',
+        'head.fc.bias (checkpoint (10,), model (3,))'
+    ]
+    assert fit.kept_keys == ['head.fc.weight', 'head.fc.bias']
+    assert fit.loaded == [k for k in ckpt if not k.startswith('head.')]
+    assert len(fit.loaded) == 146 and fit.ignored == []
+    assert fit_warning(fit, 'p.pth') == (
+        'load_from p.pth: loaded 146 tensor(s); 2 keep their initialisation '
+        '(a new head is expected when fine-tuning): head.fc.weight '
+        '(checkpoint (10, 128), model (3, 128)), head.fc.bias (checkpoint '
+        '(10,), model (3,)).')
+    # resuming/testing stays strict about the head
+    msg = _refusal(check_state_dict_fits, model, ckpt, 'p.pth', 'M')
+    assert msg.startswith(
+        'checkpoint p.pth does not fit M: 2 shape mismatch(es): '
+        'head.fc.weight (checkpoint (10, 128), model (3, 128)), '
+        'head.fc.bias (checkpoint (10,), model (3,)). '), msg
+
+
+def test_fit_refuses_a_checkpoint_without_a_shared_key():
+    model = _classifier(3)
+    renamed = {'model.' + k: v for k, v in model.state_dict().items()}
+    msg = _refusal(fit_pretrained, model, renamed, 'r.pth', 'M')
+    assert msg.startswith(
+        'checkpoint r.pth does not fit M: none of its 148 keys is a key of '
+        'the model (checkpoint: model.backbone.patch_embed.projection.weight,'
+        ' model.backbone.patch_embed.projection.bias, ... (146 more); model: '
+        'backbone.patch_embed.projection.weight, '
+        'backbone.patch_embed.projection.bias, ... (146 more)). ')
+    # strictly, every key is both missing and unexpected
+    msg = _refusal(check_state_dict_fits, model, renamed, 'r.pth', 'M')
+    assert msg.startswith('checkpoint r.pth does not fit M: 148 key(s) of M '
+                          'are missing: backbone.patch_embed.projection.'
+                          'weight, '), msg
+    assert '; 148 key(s) are not in M: model.backbone.' in msg
+
+
+def test_fit_refuses_a_backbone_missing_tensors():
+    model = _classifier(3, dict(MINI, depths=[1, 1, 2, 1]))
+    shallower = _classifier(3).state_dict()  # stage 2 has one block less
+    msg = _refusal(fit_pretrained, model, shallower, 's.pth', 'M')
+    assert msg.startswith(
+        'checkpoint s.pth does not fit the backbone of M: it was trained '
+        'with another arch (32 backbone tensor(s) missing from the '
+        'checkpoint: backbone.stages.2.blocks.1.spatial_block.cpe1.proj.'
+        'weight, backbone.stages.2.blocks.1.spatial_block.cpe1.proj.bias, '
+        'backbone.stages.2.blocks.1.spatial_block.norm1.weight, ... (29 '
+        'more)). ')
+    # one tensor less is enough, and only the head left is refused too
+    ckpt = dict(_classifier(3).state_dict())
+    del ckpt[QKV]
+    msg = _refusal(fit_pretrained, _classifier(3), ckpt, 'o.pth', 'M')
+    assert f'(1 backbone tensor(s) missing from the checkpoint: {QKV}). ' \
+        in msg
+    head_only = {k: v for k, v in ckpt.items() if k.startswith('head.')}
+    msg = _refusal(fit_pretrained, _classifier(3), head_only, 'h.pth', 'M')
+    assert '(144 backbone tensor(s) missing from the checkpoint: ' in msg
+
+
+def test_backbone_refuses_weights_of_another_arch_itself():
+    """DaViT._load_from_state_dict: whatever loads the weights, non-strict
+    included, another arch is refused before anything is copied."""
+    torch.manual_seed(0)
+    model = DaViT(arch=MINI, window_size=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    other = DaViT(arch=dict(MINI, embed_dims=24), window_size=4)
+    msg = _refusal(model.load_state_dict, other.state_dict(), strict=False)
+    assert msg.startswith(
+        'the weights being loaded do not fit the backbone of this DaViT: it '
+        'was trained with another arch (144 tensor(s) of another shape: '
+        'patch_embed.projection.weight (checkpoint (24, 3, 7, 7), model '
+        '(16, 3, 7, 7)), ')
+    assert all(
+        torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    deeper = DaViT(arch=dict(MINI, depths=[1, 1, 2, 1]), window_size=4)
+    msg = _refusal(model.load_state_dict, deeper.state_dict(), strict=False)
+    assert '(32 backbone tensor(s) the model does not have: ' \
+        'stages.2.blocks.1.spatial_block.cpe1.proj.weight, ' in msg
+    # inside a classifier: named by its prefix
+    msg = _refusal(
+        _classifier(3).load_state_dict,
+        _classifier(3, dict(MINI, embed_dims=24)).state_dict(),
+        strict=False)
+    assert msg.startswith('the weights being loaded do not fit the backbone '
+                          'of this DaViT (backbone): it was trained with '
+                          'another arch (144 tensor(s) of another shape: '
+                          'backbone.patch_embed.projection.weight ')
+    # the same arch loads (the check does not refuse everything), and a
+    # state dict of only the output norm is not checked
+    same = DaViT(arch=MINI, window_size=4)
+    model.load_state_dict(same.state_dict(), strict=True)
+    assert all(
+        torch.equal(v,
+                    same.state_dict()[k])
+        for k, v in model.state_dict().items())
+    norm = {'norm3.weight': torch.full((128, ), 2.)}
+    model.load_state_dict(norm, strict=False)
+    assert torch.equal(model.norm3.weight, norm['norm3.weight'])
+
+
 def test_resume_and_test_stay_strict(data, davit_scope):
-    from davit_ext.preflight import check_checkpoint
+    from davit_ext.registry import MODELS
     cfg = Config.fromfile(data.config)
+    model = MODELS.build(cfg.model)
+    ckpt = load_checkpoint_file(data.published)
     with pytest.raises(CheckpointMismatchError, match='2 shape mismatch'):
-        check_checkpoint(cfg, data.published, strict=True)
-    check_checkpoint(cfg, data.published, strict=False)
+        fit_pretrained(model, ckpt, data.published, strict=True)
+    fit_pretrained(model, ckpt, data.published)
 
 
 def test_wrong_arch_refused_by_get_model_and_inference_model(

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 import davit_ext  # noqa: F401
-from davit_ext import converters as C
-from davit_ext import florence2
 from davit_ext.models.davit import DaViT
+from davit_ext.weights import florence2
+from davit_ext.weights import layouts as C
 
 timm = pytest.importorskip('timm')
 
@@ -385,7 +385,7 @@ def test_florence2_scheme_converts_a_cached_download(tmp_path, monkeypatch):
 
 
 def test_florence2_scheme_offline_message(tmp_path, monkeypatch):
-    from davit_ext.checkpoint import CheckpointDownloadError
+    from davit_ext.errors import CheckpointDownloadError
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
     # Port 9 on localhost: nothing listens, the download fails at once.
     url = 'florence2://127.0.0.1:9/org/Mini/resolve/main/pytorch_model.bin'
@@ -494,7 +494,7 @@ def test_fl_custom_dataset_config_builds_and_trains_a_step(tmp_path):
 def test_get_model_pretrained_offline_says_how_to_convert(offline_hub):
     from mmpretrain import get_model
 
-    from davit_ext.checkpoint import CheckpointDownloadError
+    from davit_ext.errors import CheckpointDownloadError
 
     with pytest.raises(CheckpointDownloadError) as err:
         get_model('davit-base-fl_florence2-pre_3rdparty', pretrained=True)

@@ -158,7 +158,7 @@ def test_official_name_gives_timms_logits_standard_name_does_not():
     timm = pytest.importorskip('timm')
     from mmpretrain import get_model
 
-    from davit_ext.converters import timm_to_mmpretrain
+    from davit_ext.weights.layouts import timm_to_mmpretrain
     torch.manual_seed(0)
     ref = timm.create_model('davit_tiny').eval()
     state = timm_to_mmpretrain(ref.state_dict())
@@ -226,7 +226,7 @@ def oracle(assets):
     timm = pytest.importorskip('timm')
     from mmpretrain.apis import ImageClassificationInferencer
 
-    from davit_ext.converters import mmpretrain_to_timm
+    from davit_ext.weights.layouts import mmpretrain_to_timm
     mm_cfg = osp.join(
         osp.dirname(__import__('mmpretrain').__file__), '.mim', 'configs',
         'davit', 'davit-tiny_4xb256_in1k.py')
@@ -395,7 +395,7 @@ def test_get_model_pretrained_true_offline_gives_one_clear_error(offline_hub):
     """``import davit_ext`` alone routes mmpretrain's loading through ours."""
     from mmpretrain import get_model
 
-    from davit_ext.checkpoint import CheckpointDownloadError
+    from davit_ext.errors import CheckpointDownloadError
 
     with pytest.raises(CheckpointDownloadError) as err:
         get_model('davit-tiny_3rdparty_in1k', pretrained=True)

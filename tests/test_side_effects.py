@@ -54,9 +54,9 @@ def test_each_side_effect_and_its_opt_out(disable):
         'names': {'names'},
         'checkpoint,flops': {'checkpoint', 'flops'}
     }[disable]
-    assert out['loaders'] == (['mmengine.runner.checkpoint']
-                              if 'checkpoint' in off else
-                              ['davit_ext.checkpoint', 'davit_ext.florence2'])
+    assert out['loaders'] == (
+        ['mmengine.runner.checkpoint'] if 'checkpoint' in off else
+        ['davit_ext.weights.florence2', 'davit_ext.weights.schemes'])
     assert out['sdpa'] is ('flops' not in off)
     if 'hub' in off:
         assert out['names'] == sorted(MMPRETRAINS)
@@ -83,7 +83,8 @@ def test_uninstall_functions_undo_in_process():
     from mmengine.runner import checkpoint as mm
     from mmpretrain import get_model, list_models
 
-    from davit_ext import analysis, checkpoint, hub
+    from davit_ext import analysis, hub
+    from davit_ext import weights as checkpoint
     table = complexity_analysis._DEFAULT_SUPPORTED_FLOP_OPS
     try:
         checkpoint.uninstall()

@@ -100,7 +100,7 @@ def _equal(a, b):
 
 
 def _load(path):
-    from davit_ext.checkpoint import load_checkpoint_file
+    from davit_ext.weights import load_checkpoint_file
     return load_checkpoint_file(path, map_location='cpu')
 
 
@@ -348,8 +348,8 @@ def test_checkpoint_that_does_not_fit_the_model(call, runs, tiny):
         '2 shape mismatch(es): head.fc.weight (checkpoint (2, 128), model '
         '(3, 128)), head.fc.bias (checkpoint (2,), model (3,)). Use a '
         'checkpoint saved from this config (same arch and num_classes); '
-        'DaViT weights in the timm layout must be converted first '
-        '(davit_ext.converters).')
+        'DaViT weights in the timm or official layout must be converted '
+        'first (tools/model_converters/davit_to_mmpretrain.py).')
     assert not (tiny.root / 'E4').exists()
 
 
@@ -399,7 +399,7 @@ def test_dist_scripts_explain_their_arguments():
 def test_cpu_config_adaptation_and_launcher_errors(monkeypatch):
     from mmengine.config import Config
 
-    from davit_ext import runtime
+    from davit_ext.cli import dist as runtime
     monkeypatch.setattr(runtime, 'has_cuda', lambda: False)
     cfg = Config(
         dict(
@@ -427,6 +427,115 @@ def test_cpu_config_adaptation_and_launcher_errors(monkeypatch):
         'the launcher environment is incomplete: RANK, WORLD_SIZE, '
         'MASTER_ADDR, MASTER_PORT not set. Start distributed jobs with '
         'torchrun, e.g. bash tools/dist_train.sh CONFIG NUM_PROCESSES.')
+
+
+def test_adapt_config_to_device_without_and_with_cuda(monkeypatch):
+    """runtime.adapt_config_to_device, case by case: nccl -> gloo (noted), CPU
+    backends kept, a DDP wrapper without device_ids for launched runs, no
+    pinned memory; with CUDA nothing changes."""
+    import copy
+
+    from mmengine.config import Config
+
+    from davit_ext.cli import dist as runtime
+    monkeypatch.setattr(runtime, 'has_cuda', lambda: False)
+
+    def adapt(**cfg):
+        cfg = Config(cfg)
+        return cfg, runtime.adapt_config_to_device(cfg)
+
+    # a launched nccl run: gloo, a CPU DDP wrapper, no pinned memory
+    cfg, notes = adapt(
+        launcher='slurm',
+        find_unused_parameters=True,
+        env_cfg=dict(cudnn_benchmark=False, dist_cfg=dict(backend='nccl')),
+        train_dataloader=dict(batch_size=2, pin_memory=True),
+        val_dataloader=dict(batch_size=3, pin_memory=False),
+        test_dataloader=dict(batch_size=4, pin_memory=True))
+    assert notes == [
+        "env_cfg.dist_cfg.backend: 'nccl' -> 'gloo'",
+        'model_wrapper_cfg.device_ids: None (CPU DDP)'
+    ]
+    assert cfg.env_cfg.to_dict() == dict(
+        cudnn_benchmark=False, dist_cfg=dict(backend='gloo'))
+    assert cfg.model_wrapper_cfg.to_dict() == dict(
+        type='MMDistributedDataParallel',
+        broadcast_buffers=False,
+        find_unused_parameters=True,
+        device_ids=None)
+    assert cfg.train_dataloader.to_dict() == dict(
+        batch_size=2, pin_memory=False)
+    assert cfg.val_dataloader.to_dict() == dict(batch_size=3, pin_memory=False)
+    assert cfg.test_dataloader.to_dict() == dict(
+        batch_size=4, pin_memory=False)
+
+    # CPU backends stay, without a note; launcher none gets no wrapper
+    for backend in ('gloo', 'mpi'):
+        cfg, notes = adapt(
+            launcher='none',
+            env_cfg=dict(dist_cfg=dict(backend=backend)),
+            train_dataloader=dict(pin_memory=True))
+        assert notes == [], backend
+        assert cfg.env_cfg.dist_cfg.backend == backend
+        assert 'model_wrapper_cfg' not in cfg
+        assert cfg.train_dataloader.pin_memory is False
+        cfg, notes = adapt(
+            launcher='mpi', env_cfg=dict(dist_cfg=dict(backend=backend)))
+        assert notes == ['model_wrapper_cfg.device_ids: None (CPU DDP)']
+        assert cfg.env_cfg.dist_cfg.backend == backend
+        assert cfg.model_wrapper_cfg.device_ids is None
+
+    # the user's own DDP wrapper keeps its other keys, loses its GPU ids
+    cfg, notes = adapt(
+        launcher='pytorch',
+        env_cfg=dict(dist_cfg=dict(backend='gloo')),
+        model_wrapper_cfg=dict(
+            type='MMDistributedDataParallel',
+            find_unused_parameters=True,
+            broadcast_buffers=True,
+            static_graph=True,
+            device_ids=[0]))
+    assert notes == ['model_wrapper_cfg.device_ids: None (CPU DDP)']
+    assert cfg.model_wrapper_cfg.to_dict() == dict(
+        type='MMDistributedDataParallel',
+        find_unused_parameters=True,
+        broadcast_buffers=True,
+        static_graph=True,
+        device_ids=None)
+    # ... and a wrapper that takes no device_ids is left alone
+    fsdp = dict(type='MMFullyShardedDataParallel', use_orig_params=True)
+    cfg, notes = adapt(
+        launcher='pytorch',
+        env_cfg=dict(dist_cfg=dict(backend='gloo')),
+        model_wrapper_cfg=fsdp)
+    assert notes == [] and cfg.model_wrapper_cfg.to_dict() == fsdp
+
+    # with CUDA: nothing changes, nothing is noted
+    monkeypatch.setattr(runtime, 'has_cuda', lambda: True)
+    for launcher in ('none', 'pytorch'):
+        original = dict(
+            launcher=launcher,
+            env_cfg=dict(dist_cfg=dict(backend='nccl')),
+            train_dataloader=dict(pin_memory=True))
+        cfg, notes = adapt(**copy.deepcopy(original))
+        assert notes == []
+        assert cfg.to_dict() == original
+
+
+def test_adapt_config_to_device_without_dist_cfg(monkeypatch):
+    """No env_cfg / dist_cfg in the config: mmengine's default backend (nccl)
+    must be switched to gloo as well, as the note says."""
+    from mmengine.config import Config
+
+    from davit_ext.cli import dist as runtime
+    monkeypatch.setattr(runtime, 'has_cuda', lambda: False)
+    for cfg in (dict(launcher='none'),
+                dict(launcher='none', env_cfg=dict(cudnn_benchmark=False))):
+        cfg = Config(cfg)
+        notes = runtime.adapt_config_to_device(cfg)
+        assert notes == ["env_cfg.dist_cfg.backend: 'nccl' -> 'gloo'"]
+        assert cfg.env_cfg.dist_cfg.backend == 'gloo'
+        assert 'model_wrapper_cfg' not in cfg  # launcher none: no wrapper
 
 
 # --------------------------------------------------------------------------
@@ -476,17 +585,100 @@ def _tool_path(rel):
     return module
 
 
-def test_amp_trains_on_cpu_in_bf16(tiny):
+# Imported by the training subprocess (custom_imports): records, for every
+# training step, the dtype of a backbone Linear's output, of the parameters
+# and of their gradients, and writes them to OUT as JSON after training.
+AMP_PROBE = """
+import json
+
+import torch
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+
+
+@HOOKS.register_module(force=True)
+class DavitExtTestAmpProbe(Hook):
+
+    def __init__(self, out):
+        self.out = out
+        self.seen = dict(forward=[], params=[], grads=[], iters=0, linear='')
+
+    def before_train(self, runner):
+        model = getattr(runner.model, 'module', runner.model)
+        name, linear = next(
+            (n, m) for n, m in model.backbone.named_modules()
+            if isinstance(m, torch.nn.Linear))
+        self.seen['linear'] = name
+
+        def forward(module, inputs, output):
+            if module.training:  # the training step, not validation
+                self.seen['forward'].append(str(output.dtype))
+
+        def grad(param):
+            self.seen['grads'].append(str(param.grad.dtype))
+
+        linear.register_forward_hook(forward)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.register_post_accumulate_grad_hook(grad)
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None):
+        self.seen['iters'] += 1
+        model = getattr(runner.model, 'module', runner.model)
+        self.seen['params'].extend(str(p.dtype) for p in model.parameters())
+
+    def after_train(self, runner):
+        with open(self.out, 'w') as f:
+            json.dump(self.seen, f)
+"""
+
+
+def test_amp_trains_on_cpu_in_bf16(tiny, monkeypatch):
     """``--amp`` without a GPU: bf16 autocast (davit_ext.CPUAmpOptimWrapper)
-    instead of mmengine's CUDA-only AmpOptimWrapper."""
+    instead of mmengine's CUDA-only AmpOptimWrapper.
+
+    A hook in the training process checks that the forward of the training step
+    really ran in bfloat16 (not float16, not float32) while parameters and
+    their gradients stayed float32.
+    """
     if torch.cuda.is_available():
         pytest.skip('checks the CPU path')
+    probe_dir = tiny.root / 'amp_probe'
+    probe_dir.mkdir(exist_ok=True)
+    (probe_dir / 'davit_ext_amp_probe.py').write_text(AMP_PROBE)
+    monkeypatch.setenv(
+        'PYTHONPATH',
+        os.pathsep.join(
+            p for p in (str(probe_dir), os.environ.get('PYTHONPATH')) if p))
+    record = tiny.root / 'amp_dtypes.json'
+    config = tiny.root / 'amp_config.py'
+    config.write_text(f"""
+_base_ = [{tiny.config!r}]
+custom_imports = dict(imports=['davit_ext', 'davit_ext_amp_probe'],
+                      allow_failed_imports=False)
+custom_hooks = [dict(type='DavitExtTestAmpProbe', out={str(record)!r})]
+""")
     work = str(tiny.root / 'amp')
     rc, log, _ = _run(
-        _python_tool('train.py', tiny.config, '--work-dir', work, '--amp',
+        _python_tool('train.py', str(config), '--work-dir', work, '--amp',
                      '--cfg-options', 'train_cfg.max_epochs=1'), tiny.root)
     assert rc == 0, log[-3000:]
     assert 'CPUAmpOptimWrapper: forward under torch.autocast("cpu", ' \
         'bfloat16)' in log, log[-3000:]
+    with open(record) as f:
+        seen = json.load(f)
+    # 16 training images, batch 4: 4 steps, each one forward of the Linear
+    assert seen['iters'] == 4, seen
+    assert seen['linear'] == 'stages.0.blocks.0.spatial_block.attn.w_msa.qkv'
+    assert seen['forward'] == ['torch.bfloat16'] * 4, seen['forward']
+    n_params = len(seen['params']) // 4
+    assert n_params > 100
+    assert seen['params'] == ['torch.float32'] * (4 * n_params)
+    # every trainable parameter got a float32 gradient in every step
+    assert seen['grads'] == ['torch.float32'] * (4 * n_params)
     assert osp.exists(osp.join(work, 'epoch_1.pth'))
+    state = _load(osp.join(work, 'epoch_1.pth'))['state_dict']
+    assert {str(v.dtype) for v in state.values() if v.is_floating_point()} \
+        == {'torch.float32'}
     assert _val_top1(log, 1) >= 0
