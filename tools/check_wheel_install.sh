@@ -81,7 +81,7 @@ needed = ['davit_ext/.mim/model-index.yml',
           'davit_ext/.mim/configs/_base_/default_runtime.py',
           'davit_ext/.mim/tools/model_converters/davit_to_mmpretrain.py',
           'davit_ext/.mim/tools/deployment/pytorch2onnx.py',
-          'davit_ext/hub.py', 'davit_ext/converters.py']
+          'davit_ext/hub.py', 'davit_ext/weights/layouts.py']
 needed += [f'davit_ext/.mim/configs/davit/davit-{a}_4xb256_in1k{s}.py'
            for a in ('tiny', 'small', 'base') for s in ('', '-official')]
 missing = [m for m in needed if m not in members]

@@ -4,7 +4,7 @@
 #                     pretrained=True)
 #   feats = model.extract_feat(images)  # ((B, 2048), ) pooled, normalised
 # The pretrained weights: microsoft/Florence-2-large (converted when
-# loaded, see davit_ext/florence2.py).
+# loaded, see davit_ext/weights/florence2.py).
 model = dict(
     _scope_='davit_ext',
     type='ImageClassifier',

@@ -14,8 +14,8 @@ import os.path as osp
 import re
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
-from davit_ext.errors import (CheckpointNotFoundError, ConfigError,
-                              DatasetNotFoundError)
+from davit_ext.errors import ConfigError, DatasetNotFoundError
+from davit_ext.weights.safe_load import check_checkpoint_file
 from .config import _clean
 
 __all__ = [
@@ -248,19 +248,8 @@ def check_output_file(path: str, item: Optional[str]) -> None:
 def check_checkpoint_exists(path: Optional[str]) -> None:
     """A local checkpoint path names a file (cheap: the run reads it once
     later; URLs and ``scheme://`` names are left to the loaders)."""
-    if not path or '://' in str(path):
-        return
-    file = osp.expanduser(str(path))
-    if not osp.exists(file):
-        raise CheckpointNotFoundError(
-            f'checkpoint {file!r} does not exist (looked in '
-            f'{osp.abspath(file)!r}). Check the path, or give an http(s) URL '
-            f'of a published checkpoint.')
-    if osp.isdir(file):
-        raise CheckpointNotFoundError(
-            f'checkpoint {file!r} is a folder, not a file. Pass the .pth file '
-            f'itself (a run\'s work_dir holds epoch_N.pth / iter_N.pth and a '
-            f'"last_checkpoint" file naming the latest).')
+    if path and '://' not in str(path):
+        check_checkpoint_file(str(path))
 
 
 def backbone_init_checkpoint(cfg: Any) -> Optional[str]:

@@ -32,8 +32,8 @@ from davit_ext.errors import (CheckpointError, CheckpointNotFoundError,
                               UnsupportedTorchError)
 
 __all__ = [
-    'MIN_TORCH', 'allowed_globals', 'safe_load_context', 'safe_torch_load',
-    'unsafe_error', 'corrupt_error'
+    'MIN_TORCH', 'allowed_globals', 'check_checkpoint_file',
+    'safe_load_context', 'safe_torch_load', 'unsafe_error', 'corrupt_error'
 ]
 
 #: The torch release whose ``weights_only`` loading the safety rests on.
@@ -180,6 +180,23 @@ def _unsafe_globals(file: Any) -> List[str]:
         return []
 
 
+def check_checkpoint_file(path: str) -> str:
+    """``path`` (user folder expanded) if it names a file, else one
+    :class:`CheckpointNotFoundError` saying what to pass instead."""
+    file = osp.expanduser(path)
+    if not osp.exists(file):
+        raise CheckpointNotFoundError(
+            f'checkpoint {file!r} does not exist (looked in '
+            f'{osp.abspath(file)!r}). Check the path, or give an http(s) URL '
+            f'of a published checkpoint.')
+    if osp.isdir(file):
+        raise CheckpointNotFoundError(
+            f'checkpoint {file!r} is a folder, not a file. Pass the .pth file '
+            f'itself (a run\'s work_dir holds epoch_N.pth / iter_N.pth and a '
+            f'"last_checkpoint" file naming the latest).')
+    return file
+
+
 def safe_torch_load(file: Union[str, os.PathLike, Any],
                     map_location: Any = None,
                     source: str = None) -> Any:
@@ -197,18 +214,8 @@ def safe_torch_load(file: Union[str, os.PathLike, Any],
         CorruptCheckpointError: the file is truncated or not a checkpoint.
     """
     if isinstance(file, (str, os.PathLike)):
-        file = osp.expanduser(os.fspath(file))
+        file = check_checkpoint_file(os.fspath(file))
         source = source or file
-        if not osp.exists(file):
-            raise CheckpointNotFoundError(
-                f'checkpoint {file!r} does not exist (looked in '
-                f'{osp.abspath(file)!r}). Check the path, or give an '
-                f'http(s) URL of a published checkpoint.')
-        if osp.isdir(file):
-            raise CheckpointNotFoundError(
-                f'checkpoint {file!r} is a folder, not a file. Pass the '
-                f'.pth file itself (a run\'s work_dir holds epoch_N.pth / '
-                f'iter_N.pth and a "last_checkpoint" file naming the latest).')
     source = source or repr(file)
     try:
         with safe_load_context():
