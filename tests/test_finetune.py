@@ -219,6 +219,9 @@ def test_init_cfg_of_another_arch_is_refused(data, capsys, davit_scope):
         assert status == code, prefix
     assert 'model. is not in the pretrained model' in _one_line(
         capsys.readouterr().err)
+    # the runs' loggers write to this test's captured streams: not later
+    from mmengine.logging import MMLogger
+    MMLogger._instance_dict.clear()
 
 
 def test_fit_policy(data):
