@@ -78,3 +78,21 @@ def offline_hub(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, 'urlopen', refuse)  # torch's downloads
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
     return tmp_path
+
+
+@pytest.fixture(scope='session')
+def two_class_images(tmp_path_factory):
+    """A 2-class CustomDataset folder (``train``/``val``, 2 images of 32x32 per
+    split and class); returns its path."""
+    import numpy as np
+    from PIL import Image
+    root = tmp_path_factory.mktemp('two_class') / 'data'
+    for split in ('train', 'val'):
+        for label in (0, 1):
+            folder = root / split / str(label)
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(
+                    np.full((32, 32, 3), 100 * label + i,
+                            np.uint8)).save(folder / f'{i}.png')
+    return str(root)

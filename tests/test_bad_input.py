@@ -38,22 +38,14 @@ train_cfg = dict(max_epochs=2, val_interval=1)
 
 
 @pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, two_class_images):
     """A 2-class CustomDataset of 2 images per split and class, its config and
     a checkpoint of its model that has done 2 epochs (8 iterations)."""
     from mmengine.config import Config
 
     root = tmp_path_factory.mktemp('bad_input')
-    for split in ('train', 'val'):
-        for label in (0, 1):
-            folder = root / 'data' / split / str(label)
-            folder.mkdir(parents=True)
-            for i in range(2):
-                Image.fromarray(
-                    np.full((32, 32, 3), 100 * label + i,
-                            np.uint8)).save(folder / f'{i}.png')
     config = root / 'tiny.py'
-    config.write_text(CONFIG.format(base=BASE_CONFIG, data=str(root / 'data')))
+    config.write_text(CONFIG.format(base=BASE_CONFIG, data=two_class_images))
     from mmengine.registry import MODELS, init_default_scope
     init_default_scope('davit_ext')
     cfg = Config.fromfile(str(config))

@@ -19,6 +19,7 @@ and mmpretrain's ``get_model``/``inference_model`` load safely.
 """
 import contextlib
 import os
+import pickle
 import re
 import urllib.parse
 from typing import Any, Callable, Dict, Iterator, Optional
@@ -125,7 +126,6 @@ def _wrap(mm_loader: Callable, table: Optional[str] = None) -> Callable:
                     f'checkpoint {filename}: {err}. Install the package, or '
                     f'download the file and pass its local path.') from None
             except Exception as err:
-                import pickle
                 if isinstance(err, pickle.UnpicklingError):
                     found = re.search(r'GLOBAL ([\w.]+)', str(err))
                     raise unsafe_error(
