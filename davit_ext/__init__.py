@@ -9,15 +9,22 @@ loaders, the model hub, mmpretrain's DaViT names, the FLOP table): see
 """
 from mmpretrain.utils import register_all_modules as _register_mmpretrain
 
+from .compat import keep_mmpretrain_importable
 from .version import __version__
 
+keep_mmpretrain_importable()
 _register_mmpretrain(init_default_scope=False)
 
 from . import engine  # noqa: E402,F401  (registers hooks, optim wrapper)
 from . import models  # noqa: E402,F401  (registers DaViT)
+from .models import DaViT  # noqa: E402
 from .registry import MODELS  # noqa: E402,F401
 from .side_effects import install_unless_disabled  # noqa: E402
 
 install_unless_disabled()
 
-__all__ = ['__version__', 'MODELS', 'models']
+# ``DaViT`` at the top level is what makes ``type='davit_ext.DaViT'`` work from
+# other scopes (mmdet, mmseg): our registry is a child of mmpretrain's, which
+# mmengine's scoped lookup does not search, so it falls back to importing the
+# dotted name.
+__all__ = ['__version__', 'DaViT', 'MODELS', 'models']

@@ -4,7 +4,11 @@ Every node is a child of the mmpretrain node of the same name, so under
 ``default_scope='davit_ext'`` a config's ``type='DaViT'`` resolves to our
 backbone while every other name (``ImageClassifier``, ``ImageNet``,
 ``PackInputs``, ``Accuracy``, hooks, ...) falls through to mmpretrain and then
-to mmengine. ``type='davit_ext.DaViT'`` reaches our backbone from any scope.
+to mmengine. From another scope (mmdet, mmseg) a config reaches our backbone
+with ``type='DaViT', _scope_='davit_ext'`` or ``type='davit_ext.DaViT'``; the
+latter resolves through mmengine's import-by-name fallback (``davit_ext``
+exports ``DaViT``), since its scoped lookup searches only the root's direct
+children and this node is a grandchild.
 """
 from mmengine.registry import Registry
 from mmpretrain import registry as _mmpretrain

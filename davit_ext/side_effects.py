@@ -19,6 +19,10 @@
   ``aten::scaled_dot_product_attention`` (counted for every model, not only
   ours). Undo: :func:`davit_ext.analysis.unregister_flop_handles`.
 
+Not optional: with transformers >= 5 and pycocotools both installed,
+mmpretrain's multimodal models (which cannot import there) are replaced by
+its placeholders, or no mmpretrain model would import (:mod:`davit_ext.compat`).
+
 Set ``DAVIT_EXT_DISABLE`` to a comma-separated list of these names (or
 ``all``) before importing davit_ext to skip them. Registering our modules in
 the ``davit_ext`` registry scope (a child of mmpretrain's) and mmpretrain's

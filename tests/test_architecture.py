@@ -18,6 +18,7 @@ PACKAGE = osp.join(ROOT, 'davit_ext')
 # exceptions and register modules; the backbone needs nothing else.
 ALLOWED = {
     'errors': set(),
+    'compat': set(),
     'registry': set(),
     'version': set(),
     'models': {'errors', 'registry'},
