@@ -1,0 +1,67 @@
+# Mask R-CNN with a DaViT-T backbone on COCO, the official DaViT recipe:
+# AdamW (lr 1e-4, weight decay 0.05), drop-path 0.1, 12 epochs, DETR-style
+# multi-scale training with random crops, 8 GPUs x 2 images. The backbone
+# starts from our ImageNet-1k checkpoint.
+_base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
+
+# Registers DaViT (davit_ext scope) for mmdet's tools and `mim train mmdet`.
+custom_imports = dict(imports=['davit_ext'], allow_failed_imports=False)
+
+pretrained = 'https://download.openmmlab.com/mmclassification/v0/davit/davit-tiny_3rdparty_in1k_20221116-700fdf7d.pth'  # noqa
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        # The dotted name reaches our registry from mmdet's scope; so does
+        # type='DaViT' with _scope_='davit_ext'.
+        type='davit_ext.DaViT',
+        arch='t',
+        drop_path_rate=0.1,
+        out_indices=(0, 1, 2, 3),
+        # The classification checkpoint's backbone; the output norms of
+        # stages 0-2 are new and start from scratch.
+        init_cfg=dict(
+            type='Pretrained', checkpoint=pretrained, prefix='backbone.')),
+    neck=dict(in_channels=[96, 192, 384, 768]))
+
+# DETR / Sparse R-CNN multi-scale augmentation, as in the official configs:
+# either a random short side in 480..800, or a resize to 400..600, a random
+# crop and a resize to 480..800.
+_scales = [(480, 1333), (512, 1333), (544, 1333), (576, 1333), (608, 1333),
+           (640, 1333), (672, 1333), (704, 1333), (736, 1333), (768, 1333),
+           (800, 1333)]
+train_pipeline = [
+    dict(type='LoadImageFromFile', backend_args={{_base_.backend_args}}),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(
+        type='RandomChoice',
+        transforms=[[
+            dict(type='RandomChoiceResize', scales=_scales, keep_ratio=True)
+        ],
+                    [
+                        dict(
+                            type='RandomChoiceResize',
+                            scales=[(400, 1333), (500, 1333), (600, 1333)],
+                            keep_ratio=True),
+                        dict(
+                            type='RandomCrop',
+                            crop_type='absolute_range',
+                            crop_size=(384, 600),
+                            allow_negative_crop=True),
+                        dict(
+                            type='RandomChoiceResize',
+                            scales=_scales,
+                            keep_ratio=True)
+                    ]]),
+    dict(type='PackDetInputs')
+]
+train_dataloader = dict(dataset=dict(pipeline=train_pipeline))
+
+# No gradient clipping, no per-parameter rules (the official optimizer).
+optim_wrapper = dict(
+    optimizer=dict(
+        _delete_=True,
+        type='AdamW',
+        lr=1e-4,
+        betas=(0.9, 0.999),
+        weight_decay=0.05))

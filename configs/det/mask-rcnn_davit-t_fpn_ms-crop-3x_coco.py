@@ -1,0 +1,19 @@
+# Mask R-CNN, DaViT-T, COCO: the official 3x recipe (36 epochs, lr steps at
+# 27 and 33, drop-path 0.2); otherwise as the 1x config.
+_base_ = './mask-rcnn_davit-t_fpn_ms-crop-1x_coco.py'
+
+model = dict(backbone=dict(drop_path_rate=0.2))
+
+max_epochs = 36
+train_cfg = dict(max_epochs=max_epochs)
+param_scheduler = [
+    dict(
+        type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),
+    dict(
+        type='MultiStepLR',
+        begin=0,
+        end=max_epochs,
+        by_epoch=True,
+        milestones=[27, 33],
+        gamma=0.1)
+]

@@ -1,0 +1,7 @@
+# RetinaNet, DaViT-S, COCO: as the DaViT-T 1x config with the small arch.
+_base_ = './retinanet_davit-t_fpn_ms-crop-1x_coco.py'
+
+pretrained = 'https://download.openmmlab.com/mmclassification/v0/davit/davit-small_3rdparty_in1k_20221116-51a849a6.pth'  # noqa
+model = dict(
+    backbone=dict(
+        arch='s', init_cfg=dict(checkpoint=pretrained)))
