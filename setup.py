@@ -118,6 +118,11 @@ setup(
         'safetensors': ['safetensors'],
         # tools/deployment/pytorch2onnx.py (onnxruntime: --verify)
         'deploy': ['onnx', 'onnxscript', 'onnxruntime'],
+        # Detection and segmentation (configs/det, configs/seg). Both need
+        # mmcv < 2.2 with its compiled ops, which PyPI has as source only:
+        # install it first with tools/install_mmcv.sh.
+        'det': ['mmdet==3.3.0', 'pycocotools', 'shapely', 'terminaltables'],
+        'seg': ['mmsegmentation==1.2.2', 'ftfy', 'regex', 'prettytable'],
     },
     classifiers=[
         'Programming Language :: Python :: 3',

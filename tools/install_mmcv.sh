@@ -3,11 +3,12 @@
 # mmsegmentation 1.2.2 need) into the active Python environment, built against
 # the torch installed there.
 #
-#   bash tools/install_mmcv.sh [--wheel FILE] [--sha256 HEX] [--cache DIR]
-#                              [--jobs N] [--cpu | --cuda]
+#   bash tools/install_mmcv.sh [--wheel FILE | --prefer-wheel FILE]
+#       [--sha256 HEX] [--cache DIR] [--jobs N] [--cpu | --cuda]
 #
-# A wheel is taken, in this order, from --wheel (or $DAVIT_EXT_MMCV_WHEEL),
-# from the cache (or $DAVIT_EXT_WHEEL_CACHE, default
+# A wheel is taken, in this order, from --wheel (or $DAVIT_EXT_MMCV_WHEEL;
+# refused if its hash does not check out), from --prefer-wheel (used only if
+# it is the known wheel for this environment, else ignored), from the cache (or $DAVIT_EXT_WHEEL_CACHE, default
 # ~/.cache/davit_ext/wheels), or built from mmcv's PyPI source: about 11
 # minutes on 2 CPU cores, cached for next time. Every wheel is checked against
 # a sha256 before it is installed: one we know (the CPU wheel for torch 2.14.1
@@ -31,6 +32,7 @@ die() { echo "install_mmcv: $*" >&2; exit 1; }
 say() { echo "[install_mmcv $(date +%H:%M:%S)] $*"; }
 
 wheel=${DAVIT_EXT_MMCV_WHEEL:-}
+prefer=
 want_sha=
 cache=${DAVIT_EXT_WHEEL_CACHE:-$HOME/.cache/davit_ext/wheels}
 jobs=${MAX_JOBS:-$(nproc)}
@@ -38,12 +40,13 @@ target=auto
 while [ $# -gt 0 ]; do
   case $1 in
     --wheel) wheel=${2:?--wheel needs a file}; shift 2 ;;
+    --prefer-wheel) prefer=${2:?--prefer-wheel needs a file}; shift 2 ;;
     --sha256) want_sha=${2:?--sha256 needs a hex digest}; shift 2 ;;
     --cache) cache=${2:?--cache needs a folder}; shift 2 ;;
     --jobs) jobs=${2:?--jobs needs a number}; shift 2 ;;
     --cpu) target=cpu; shift ;;
     --cuda) target=cuda; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
@@ -106,14 +109,26 @@ check_wheel() {
 }
 
 cached=$cache/$key/mmcv-$MMCV_VERSION-$pytag-$pytag-linux_x86_64.whl
-if [ -n "$wheel" ]; then
+if [ -z "$wheel" ] && [ -n "$prefer" ]; then
+  if [ ! -f "$prefer" ]; then
+    say "no wheel at $prefer: looking further"
+  elif [ -z "${KNOWN_WHEELS[$key]:-}" ]; then
+    say "$(basename "$prefer") is not a wheel we know for $key: looking further"
+  elif [ "$(sha_of "$prefer")" != "${KNOWN_WHEELS[$key]}" ]; then
+    say "$prefer does not have the sha256 of the wheel we know for $key: looking further"
+  else
+    say "using $prefer (sha256 checked: the known wheel for $key)"
+    wheel=$prefer
+  fi
+elif [ -n "$wheel" ]; then
   [ -f "$wheel" ] || die "--wheel $wheel: no such file"
   check_wheel "$wheel"
-elif [ -f "$cached" ]; then
+fi
+if [ -z "$wheel" ] && [ -f "$cached" ]; then
   say "using the cached wheel $cached"
   wheel=$cached
   check_wheel "$wheel"
-else
+elif [ -z "$wheel" ]; then
   build=$(mktemp -d)
   trap 'rm -rf "$build"' EXIT
   say "stage 1/4: build tools (ninja, wheel; setuptools with pkg_resources, which mmcv's setup.py imports)"
