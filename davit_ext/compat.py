@@ -27,8 +27,8 @@ def _major(package: str) -> int:
 
 
 def keep_mmpretrain_importable() -> bool:
-    """Turn mmpretrain's multimodal models off where importing them would
-    fail; True if it did."""
+    """Turn mmpretrain's multimodal models off where importing them would fail;
+    True if it did."""
     if 'mmpretrain.models' in sys.modules:
         return False  # too late to matter, or already imported fine
     from mmpretrain.utils import dependency

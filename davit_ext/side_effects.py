@@ -21,7 +21,8 @@
 
 Not optional: with transformers >= 5 and pycocotools both installed,
 mmpretrain's multimodal models (which cannot import there) are replaced by
-its placeholders, or no mmpretrain model would import (:mod:`davit_ext.compat`).
+its placeholders, or no mmpretrain model would import
+(:mod:`davit_ext.compat`).
 
 Set ``DAVIT_EXT_DISABLE`` to a comma-separated list of these names (or
 ``all``) before importing davit_ext to skip them. Registering our modules in

@@ -76,15 +76,21 @@ fi
 key=$pytag-torch$torch_version-$device
 say "environment: $(command -v python) ($pytag), torch $torch_version, target $device"
 
+# Installed means: no mmcv-lite shares the `mmcv` folder (pip installs both
+# into it, the last one wins) and the module that imports is this version,
+# with its ops.
 installed=$(python - <<'EOF' 2>/dev/null || true
 from importlib import metadata
 try:
-    print(metadata.version('mmcv'))
+    metadata.version('mmcv-lite')
+    print('mmcv-lite')
 except metadata.PackageNotFoundError:
-    pass
+    import mmcv
+    import mmcv.ops  # noqa: F401
+    print(metadata.version('mmcv'), mmcv.__version__)
 EOF
 )
-if [ "$installed" = "$MMCV_VERSION" ] && python -c "import mmcv.ops" 2>/dev/null; then
+if [ "$installed" = "$MMCV_VERSION $MMCV_VERSION" ]; then
   say "mmcv $MMCV_VERSION with ops is already installed: nothing to do"
   exit 0
 fi
@@ -163,6 +169,6 @@ fi
 say "stage 4/4: installing $(basename "$wheel") (replaces mmcv-lite if present)"
 python -m pip uninstall -q -y mmcv-lite mmcv >/dev/null 2>&1 || true
 python -m pip install -q "$wheel"
-python -c "import mmcv, mmcv.ops; print('mmcv', mmcv.__version__, 'with ops:', mmcv.ops.__name__)" \
+python -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV_VERSION', mmcv.__version__; print('mmcv', mmcv.__version__, 'with ops')" \
   || die "mmcv installed but 'import mmcv.ops' fails (was the wheel built for torch $torch_version?)"
 say "done: mmcv $MMCV_VERSION with ops. mmdet/mmseg: pip install -e '.[det,seg]'"

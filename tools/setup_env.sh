@@ -16,13 +16,22 @@ fi
 if ! python -c "import torch, torchvision.ops" >/dev/null 2>&1; then
   python -m pip install -q torch==2.14.1 torchvision==0.29.1 || return 1
 fi
-# mmengine 0.10.7 imports pkg_resources, which setuptools >= 81 no longer
-# has (torch 2.14 asks for >= 77.0.3): pinned in the same resolve.
-python -m pip install -q -e ".[tests]" "setuptools>=77.0.3,<81" || return 1
+# Compiled mmcv goes in before davit_ext: setup.py asks for mmcv-lite only
+# where no full mmcv is installed, and the two share one `mmcv` folder.
+extras=tests
 if [ "${DAVIT_EXT_DENSE:-0}" = 1 ]; then
   bash tools/install_mmcv.sh \
     --prefer-wheel ../shared/wheels/mmcv-2.1.0-cp311-cp311-linux_x86_64.whl \
     || return 1
-  python -m pip install -q -e ".[tests,det,seg]" "setuptools>=77.0.3,<81" \
-    || return 1
+  extras=tests,det,seg
+fi
+# mmengine 0.10.7 imports pkg_resources, which setuptools >= 81 no longer
+# has (torch 2.14 asks for >= 77.0.3): pinned in the same resolve.
+python -m pip install -q -e ".[$extras]" "setuptools>=77.0.3,<81" || return 1
+if [ "${DAVIT_EXT_DENSE:-0}" = 1 ]; then
+  python -c "import davit_ext, mmcv.ops, mmdet.models, mmseg.models" || {
+    echo "setup_env: the dense-prediction stack does not import (above);" \
+      "rerun 'bash tools/install_mmcv.sh'" >&2
+    return 1
+  }
 fi

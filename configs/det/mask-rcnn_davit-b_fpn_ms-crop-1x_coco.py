@@ -4,6 +4,5 @@ _base_ = './mask-rcnn_davit-t_fpn_ms-crop-1x_coco.py'
 
 pretrained = 'https://download.openmmlab.com/mmclassification/v0/davit/davit-base_3rdparty_in1k_20221116-19e0d956.pth'  # noqa
 model = dict(
-    backbone=dict(
-        arch='b', init_cfg=dict(checkpoint=pretrained)),
+    backbone=dict(arch='b', init_cfg=dict(checkpoint=pretrained)),
     neck=dict(in_channels=[128, 256, 512, 1024]))

@@ -2,6 +2,4 @@
 _base_ = './mask-rcnn_davit-t_fpn_ms-crop-1x_coco.py'
 
 pretrained = 'https://download.openmmlab.com/mmclassification/v0/davit/davit-small_3rdparty_in1k_20221116-51a849a6.pth'  # noqa
-model = dict(
-    backbone=dict(
-        arch='s', init_cfg=dict(checkpoint=pretrained)))
+model = dict(backbone=dict(arch='s', init_cfg=dict(checkpoint=pretrained)))
