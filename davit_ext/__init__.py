@@ -15,16 +15,21 @@ from .version import __version__
 keep_mmpretrain_importable()
 _register_mmpretrain(init_default_scope=False)
 
-from . import engine  # noqa: E402,F401  (registers hooks, optim wrapper)
-from . import models  # noqa: E402,F401  (registers DaViT)
-from .models import DaViT  # noqa: E402
-from .registry import MODELS  # noqa: E402,F401
-from .side_effects import install_unless_disabled  # noqa: E402
+from . import engine  # noqa: F401  (registers hooks, optim wrapper)
+from . import models  # noqa: F401  (registers DaViT)
+from .engine import (CPUAmpOptimWrapper, FitLoadFromHook,
+                     LayerDecayOptimWrapperConstructor, RandomStateHook)
+from .models import DaViT
+from .registry import MODELS
+from .side_effects import install_unless_disabled
 
 install_unless_disabled()
 
-# ``DaViT`` at the top level is what makes ``type='davit_ext.DaViT'`` work from
-# other scopes (mmdet, mmseg): our registry is a child of mmpretrain's, which
-# mmengine's scoped lookup does not search, so it falls back to importing the
-# dotted name.
-__all__ = ['__version__', 'DaViT', 'MODELS', 'models']
+# What configs name as ``davit_ext.<Name>`` is exported here: from other scopes
+# (mmdet, mmseg) that is how the dotted names resolve. Our registry is a child
+# of mmpretrain's, which mmengine's scoped lookup does not search, so it falls
+# back to importing the dotted name.
+__all__ = [
+    '__version__', 'DaViT', 'CPUAmpOptimWrapper', 'FitLoadFromHook',
+    'LayerDecayOptimWrapperConstructor', 'RandomStateHook', 'MODELS', 'models'
+]

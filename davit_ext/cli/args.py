@@ -109,8 +109,8 @@ def apply_common(cfg: Any,
                           'test_dataloader'),
                  persistent_workers: Optional[bool] = None) -> None:
     """The launcher, the work_dir (default ``./work_dirs/<config name>``),
-    dataloader defaults as mmpretrain's tools set them, then ``--cfg-options``
-    (the command line wins)."""
+    dataloader defaults as mmpretrain's tools (or, for mmdet/mmseg configs,
+    theirs) set them, then ``--cfg-options`` (the command line wins)."""
     from mmengine.config import ConfigDict
     cfg.launcher = args.launcher
     if args.work_dir is not None:
@@ -118,7 +118,12 @@ def apply_common(cfg: Any,
     elif cfg.get('work_dir', None) is None:
         cfg.work_dir = osp.join('./work_dirs',
                                 osp.splitext(osp.basename(args.config))[0])
-    defaults = dict(pin_memory=True, collate_fn=dict(type='default_collate'))
+    defaults = dict(pin_memory=True)
+    if cfg.get('default_scope', None) in (None, 'mmpretrain', 'davit_ext'):
+        # mmpretrain's tools stack classification batches; mmdet's and
+        # mmseg's keep mmengine's default (pseudo_collate: images of
+        # different sizes).
+        defaults['collate_fn'] = dict(type='default_collate')
     if persistent_workers is not None:
         defaults['persistent_workers'] = persistent_workers
     for field in loaders:
