@@ -112,6 +112,8 @@ def main(argv=None):
 
 
 def _test(args):
+    import sys
+
     import mmengine
     from mmengine.evaluator import DumpResults
 
@@ -127,7 +129,9 @@ def _test(args):
     if args.out is not None:
         checks.check_output_file(args.out, args.out_item)  # not after a test
     cfg = merge_args(load_config(args.config), args)
-    dist.adapt_config_to_device(cfg)
+    for note in dist.adapt_config_to_device(cfg):
+        if dist.process_rank() == 0:
+            print(f'no CUDA here: {note}', file=sys.stderr, flush=True)
     checks.check_datasets(cfg, ['test_dataloader'])
     checks.check_dataloaders(cfg, ['test_dataloader'])
     checks.check_checkpoint_exists(cfg.load_from)

@@ -109,7 +109,9 @@ def _train(args):
     from davit_ext.errors import ConfigError, NothingToResume
 
     cfg = merge_args(load_config(args.config), args)
-    dist.adapt_config_to_device(cfg)
+    for note in dist.adapt_config_to_device(cfg):
+        if dist.process_rank() == 0:
+            print(f'no CUDA here: {note}', file=sys.stderr, flush=True)
     loaders = ['train_dataloader']
     if cfg.get('val_cfg') is not None and cfg.get('val_dataloader'):
         loaders.append('val_dataloader')

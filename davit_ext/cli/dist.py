@@ -45,8 +45,10 @@ def adapt_config_to_device(cfg) -> List[str]:
 
     Without CUDA: ``env_cfg.dist_cfg.backend`` becomes ``gloo`` (unless it
     already names a CPU backend), distributed runs get a DDP wrapper without
-    ``device_ids``, and dataloaders stop pinning memory (nothing to pin for).
-    With CUDA nothing changes.
+    ``device_ids``, SyncBN layers of distributed runs become BN (torch's
+    SyncBatchNorm takes GPU tensors only; on one process it is BN already) and
+    dataloaders stop pinning memory (nothing to pin for). With CUDA nothing
+    changes.
     """
     if has_cuda():
         return []
@@ -73,11 +75,31 @@ def adapt_config_to_device(cfg) -> List[str]:
             wrapper['device_ids'] = None
             notes.append('model_wrapper_cfg.device_ids: None (CPU DDP)')
         cfg.model_wrapper_cfg = wrapper
+        synced = _sync_bn_to_bn(cfg.get('model'), 'model')
+        if synced:
+            notes.append(f"{', '.join(synced)}: 'SyncBN' -> 'BN' (statistics "
+                         'per process: SyncBatchNorm needs a GPU)')
     for key in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
         loader = cfg.get(key)
         if loader and loader.get('pin_memory'):
             loader['pin_memory'] = False
     return notes
+
+
+def _sync_bn_to_bn(node, path: str) -> List[str]:
+    """Switch every ``type='SyncBN'`` under ``node`` to ``'BN'``; returns the
+    paths of the switched entries."""
+    changed = []
+    if isinstance(node, dict):
+        if node.get('type') in ('SyncBN', 'MMSyncBN'):
+            node['type'] = 'BN'
+            changed.append(path)
+        for key, value in node.items():
+            changed += _sync_bn_to_bn(value, f'{path}.{key}')
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            changed += _sync_bn_to_bn(value, f'{path}[{i}]')
+    return changed
 
 
 def _require(names: List[str], how: str) -> Dict[str, str]:
