@@ -3,9 +3,9 @@
 The paper's nine configs against the official parameter counts, the backbone
 from mmdet's and mmseg's scopes, odd image sizes through whole detectors and
 segmentors, the backbone options users set there, layer-wise lr decay, and
-ImageNet checkpoints as their init. Needs compiled mmcv (``mmcv._ext``),
-mmdet and mmseg: ``bash tools/install_mmcv.sh && pip install -e
-'.[det,seg]'`` (CI installs them); skipped with that reason otherwise.
+ImageNet checkpoints as their init. Needs compiled mmcv (``mmcv._ext``), mmdet
+and mmseg: ``bash tools/install_mmcv.sh && pip install -e '.[det,seg]'`` (CI
+installs them); skipped with that reason otherwise.
 """
 import glob
 import importlib.util
@@ -209,7 +209,9 @@ def _det_samples(sizes, num_classes=80):
 @pytest.mark.parametrize('size', [(75, 113), (33, 47), (224, 225)])
 def test_mask_rcnn_trains_on_sizes_that_are_no_multiple(size):
     """Sizes mmdet feeds once pad_size_divisor is not 32 (or crops are odd):
-    not multiples of the patch, of 32, or of the 7x7 window."""
+
+    not multiples of the patch, of 32, or of the 7x7 window.
+    """
     torch.manual_seed(0)
     model = _mini_mask_rcnn()
     model.train()
@@ -230,8 +232,7 @@ def test_real_mask_rcnn_predicts_on_a_coco_sized_image():
     model = _build('det/mask-rcnn_davit-t_fpn_ms-crop-1x_coco.py').eval()
     sample = DetDataSample(
         metainfo=dict(
-            img_shape=(600, 904), ori_shape=(600, 904), scale_factor=(1.,
-                                                                      1.)))
+            img_shape=(600, 904), ori_shape=(600, 904), scale_factor=(1., 1.)))
     image = torch.randint(0, 256, (3, 600, 904), dtype=torch.uint8)
     with torch.no_grad():
         pred = model.test_step(dict(inputs=[image],
@@ -242,10 +243,12 @@ def test_real_mask_rcnn_predicts_on_a_coco_sized_image():
 
 def test_real_upernet_whole_image_inference_where_mmpretrain_davit_raises():
     """mmseg's whole-image test does not pad: the backbone gets the size the
-    test pipeline resized to. At 600x904 (the issue's size) mmpretrain's
-    DaViT raises; ours predicts a full-size map. (Through mmdet's default
-    pad-to-32 preprocessor mmpretrain's DaViT runs too; without padding it
-    refuses 90 of 244 sizes 600 x 520..996.)"""
+    test pipeline resized to.
+
+    At 600x904 (the issue's size) mmpretrain's DaViT raises; ours predicts a
+    full-size map. (Through mmdet's default pad-to-32 preprocessor mmpretrain's
+    DaViT runs too; without padding it refuses 90 of 244 sizes 600 x 520..996.)
+    """
     from mmseg.structures import SegDataSample
     rel = 'seg/upernet_davit-t_8xb2-160k_ade20k-512x512.py'
     size = (600, 904)
@@ -323,8 +326,7 @@ def test_frozen_stages_stay_frozen_through_detector_training():
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = model.loss(torch.randn(1, 3, 96, 128), _det_samples([(96,
-                                                                   128)]))
+    losses = model.loss(torch.randn(1, 3, 96, 128), _det_samples([(96, 128)]))
     model.parse_losses(losses)[0].backward()
     optimizer.step()
     after = backbone.state_dict()
@@ -333,10 +335,10 @@ def test_frozen_stages_stay_frozen_through_detector_training():
         changed = not torch.equal(value, before[key])
         if key.startswith(frozen):
             assert not changed, key
-    assert not torch.equal(after['stages.2.blocks.0.spatial_block.norm1.'
-                                 'weight'],
-                           before['stages.2.blocks.0.spatial_block.norm1.'
-                                  'weight'])
+    assert not torch.equal(
+        after['stages.2.blocks.0.spatial_block.norm1.'
+              'weight'], before['stages.2.blocks.0.spatial_block.norm1.'
+                                'weight'])
 
 
 def test_with_cp_gives_the_same_detector_loss_and_gradients():
@@ -346,13 +348,12 @@ def test_with_cp_gives_the_same_detector_loss_and_gradients():
         model = _mini_mask_rcnn(with_cp=with_cp)
         model.train()
         torch.manual_seed(1)
-        out = model.loss(
-            torch.randn(1, 3, 80, 112), _det_samples([(80, 112)]))
+        out = model.loss(torch.randn(1, 3, 80, 112), _det_samples([(80, 112)]))
         total, _ = model.parse_losses(out)
         total.backward()
         losses.append(total.detach())
-        grads.append(model.backbone.stages[2].blocks[0].channel_block.attn
-                     .qkv.weight.grad.clone())
+        grads.append(model.backbone.stages[2].blocks[0].channel_block.attn.qkv.
+                     weight.grad.clone())
     torch.testing.assert_close(losses[0], losses[1])
     torch.testing.assert_close(grads[0], grads[1])
 
@@ -420,10 +421,14 @@ def test_layer_decay_refuses_a_model_without_layer_depths():
             type='RetinaNet',
             backbone=dict(type='ResNet', depth=18, init_cfg=None),
             neck=dict(
-                type='FPN', in_channels=[64, 128, 256, 512],
-                out_channels=32, num_outs=5),
+                type='FPN',
+                in_channels=[64, 128, 256, 512],
+                out_channels=32,
+                num_outs=5),
             bbox_head=dict(
-                type='RetinaHead', num_classes=2, in_channels=32,
+                type='RetinaHead',
+                num_classes=2,
+                in_channels=32,
                 feat_channels=32,
                 anchor_generator=cfg.model.bbox_head.anchor_generator,
                 bbox_coder=cfg.model.bbox_head.bbox_coder)))
@@ -461,8 +466,7 @@ def test_backbone_starts_from_a_classification_checkpoint(tmp_path):
     for key in ('norm0.weight', 'norm1.bias', 'norm2.weight'):
         torch.testing.assert_close(loaded[key], fresh[key])
 
-    other = _mini_mask_rcnn(
-        arch=dict(MINI, embed_dims=48), init_cfg=init)
+    other = _mini_mask_rcnn(arch=dict(MINI, embed_dims=48), init_cfg=init)
     other.neck = torch.nn.Identity()  # only the backbone matters here
     with pytest.raises(CheckpointMismatchError, match='do not fit'):
         other.init_weights()
@@ -475,7 +479,8 @@ def test_backbone_starts_from_a_classification_checkpoint(tmp_path):
 
 DET_MINI = osp.join(ROOT, 'configs', 'det',
                     'mask-rcnn_davit-mini_fpn_1xb4-shapes.py')
-SEG_MINI = osp.join(ROOT, 'configs', 'seg', 'upernet_davit-mini_1xb4-shapes.py')
+SEG_MINI = osp.join(ROOT, 'configs', 'seg',
+                    'upernet_davit-mini_1xb4-shapes.py')
 
 
 def _load_tool(name, rel):
@@ -488,7 +493,8 @@ def _load_tool(name, rel):
 @pytest.fixture(scope='module')
 def shapes(tmp_path_factory):
     """Six train and three val images of the shapes data."""
-    make = _load_tool('_make_shapes', 'tools/dataset_converters/make_shapes.py')
+    make = _load_tool('_make_shapes',
+                      'tools/dataset_converters/make_shapes.py')
     root = str(tmp_path_factory.mktemp('shapes'))
     make.make_shapes(root, num_train=6, num_val=3, seed=0)
     return root
@@ -519,9 +525,8 @@ def test_shapes_label_maps_agree_with_the_coco_masks(shapes):
     from pycocotools import mask as mask_utils
     with open(osp.join(shapes, 'annotations', 'instances_val.json')) as f:
         coco = json.load(f)
-    assert [c['name'] for c in coco['categories']] == [
-        'circle', 'square', 'triangle'
-    ]
+    assert [c['name']
+            for c in coco['categories']] == ['circle', 'square', 'triangle']
     assert len(coco['images']) == 3
     for image in coco['images']:
         stem = osp.splitext(image['file_name'])[0]
@@ -543,8 +548,8 @@ def test_mask_rcnn_through_mmdets_tools_and_ours(shapes, tmp_path):
     brings the backbone in); our tools/test.py and mmdet's evaluate its
     checkpoint to the same COCO numbers the training run's val printed."""
     demo = _load_tool('_dense_demo', 'tools/run_dense_demo.py')
-    opts = ['--cfg-options', 'train_cfg.max_epochs=1'
-            ] + demo.data_options('det', shapes)
+    opts = ['--cfg-options', 'train_cfg.max_epochs=1'] + demo.data_options(
+        'det', shapes)
     work = str(tmp_path / 'train')
     rc, log = _run([
         'python',
@@ -575,8 +580,8 @@ def test_mask_rcnn_through_mmdets_tools_and_ours(shapes, tmp_path):
 def test_syncbn_upernet_on_two_cpu_processes_with_our_dist_train(
         shapes, tmp_path):
     """The paper's segmentors use SyncBN, which torch runs on GPUs only; our
-    dist_train.sh on CPU switches it to BN (and says so) and trains on two
-    gloo processes, 2 images each per step."""
+    dist_train.sh on CPU switches it to BN (and says so) and trains on two gloo
+    processes, 2 images each per step."""
     import socket
     sock = socket.socket()
     sock.bind(('127.0.0.1', 0))
@@ -586,11 +591,11 @@ def test_syncbn_upernet_on_two_cpu_processes_with_our_dist_train(
     work = str(tmp_path / 'dist')
     rc, log = _run([
         'env', f'PORT={port}', 'bash',
-        osp.join(ROOT, 'tools', 'dist_train.sh'), SEG_MINI, '2',
-        '--work-dir', work, '--cfg-options', 'train_cfg.max_iters=2',
-        'train_cfg.val_interval=2', 'train_dataloader.batch_size=2',
-        'default_hooks.checkpoint.interval=2', 'default_hooks.logger.interval=1',
-        'param_scheduler=[]',
+        osp.join(ROOT, 'tools',
+                 'dist_train.sh'), SEG_MINI, '2', '--work-dir', work,
+        '--cfg-options', 'train_cfg.max_iters=2', 'train_cfg.val_interval=2',
+        'train_dataloader.batch_size=2', 'default_hooks.checkpoint.interval=2',
+        'default_hooks.logger.interval=1', 'param_scheduler=[]',
         'model.decode_head.norm_cfg.type=SyncBN',
         'model.auxiliary_head.norm_cfg.type=SyncBN'
     ] + demo.data_options('seg', shapes), str(tmp_path))
@@ -599,8 +604,8 @@ def test_syncbn_upernet_on_two_cpu_processes_with_our_dist_train(
     assert "'SyncBN' -> 'BN'" in log
     assert 'model.decode_head.norm_cfg' in log
     assert 'Iter(train) [2/2]' in log
-    assert re.search(r'Iter\(val\) \[2/2\] +aAcc: [\d.]+ +mIoU: [\d.]+', log), \
-        log[-3000:]
+    val = r'Iter\(val\) \[2/2\] +aAcc: [\d.]+ +mIoU: [\d.]+'
+    assert re.search(val, log), log[-3000:]
     assert osp.isfile(osp.join(work, 'iter_2.pth'))
 
 
@@ -610,14 +615,18 @@ def test_syncbn_upernet_on_two_cpu_processes_with_our_dist_train(
 ])
 def test_get_flops_is_the_official_count(call, rel, official):
     """tools/analysis_tools/get_flops.py at the papers' sizes (1280x800,
-    2048x512) against the official GFLOPs, within 1.5 %. (Mask R-CNN's
-    count depends on how many proposals random weights make: not here.)"""
+    2048x512) against the official GFLOPs, within 1.5 %.
+
+    (Mask R-CNN's count depends on how many proposals random weights make: not
+    here.)
+    """
     code, out, _ = call('analysis_tools/get_flops',
                         osp.join(ROOT, 'configs', rel))
     assert code in (0, None)
-    found = re.search(r'input (\d+)x(\d+) +params ([\d.]+) M +FLOPs '
-                      r'([\d.]+) G', out)
+    found = re.search(
+        r'input (\d+)x(\d+) +params ([\d.]+) M +FLOPs '
+        r'([\d.]+) G', out)
     assert found, out
-    assert found.group(1, 2) == (('800', '1280') if rel.startswith('det')
-                                 else ('512', '2048'))
+    assert found.group(1, 2) == (('800', '1280') if rel.startswith('det') else
+                                 ('512', '2048'))
     assert abs(float(found.group(4)) / official - 1) < 0.015

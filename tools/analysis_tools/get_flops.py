@@ -74,7 +74,8 @@ def count(model, scope, shape):
         from mmdet.structures import DetDataSample as Sample
     else:
         from mmseg.structures import SegDataSample as Sample
-    inputs = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    inputs = torch.randn(
+        1, 3, h, w, generator=torch.Generator().manual_seed(0))
     samples = [Sample(metainfo=meta)]
 
     class Tensor(torch.nn.Module):
