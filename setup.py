@@ -3,6 +3,7 @@ import os
 import os.path as osp
 import shutil
 import sys
+import sysconfig
 from importlib import metadata
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
@@ -25,13 +26,19 @@ def has_full_mmcv() -> bool:
 
     mmcv and mmcv-lite both provide the ``mmcv`` module: requiring mmcv-lite
     next to a user's full mmcv would overwrite it, so we only ask for mmcv-lite
-    when no full mmcv is there.
+    when no full mmcv is there. pip builds in an isolated environment unless
+    told otherwise, where the import path has none of the installed
+    packages: the site-packages of the interpreter that runs this (the one
+    pip installs into) are searched too.
     """
     try:
         metadata.version('mmcv')
+        return True
     except metadata.PackageNotFoundError:
-        return False
-    return True
+        pass
+    paths = {sysconfig.get_paths()[key] for key in ('purelib', 'platlib')}
+    return any((dist.metadata['Name'] or '').lower() == 'mmcv'
+               for dist in metadata.distributions(path=sorted(paths)))
 
 
 def requirements():
