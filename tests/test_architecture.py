@@ -98,9 +98,16 @@ def test_the_checker_sees_imports():
 
 def test_the_backbone_loads_no_io_code():
     """Imported without the package's wiring (davit_ext/__init__.py), the
-    models load only the registry and the errors of davit_ext."""
+    models load only the registry and the errors of davit_ext.
+
+    (mmpretrain's multimodal models are switched off as davit_ext.compat does:
+    next to mmdet and transformers 5 mmpretrain.models cannot import
+    otherwise.)
+    """
     code = f"""
 import json, sys, types
+from mmpretrain.utils import dependency
+dependency.WITH_MULTIMODAL = False
 package = types.ModuleType('davit_ext')
 package.__path__ = [{PACKAGE!r}]
 sys.modules['davit_ext'] = package

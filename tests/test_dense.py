@@ -40,6 +40,17 @@ def _dense_stack_problem():
 PROBLEM = _dense_stack_problem()
 pytestmark = pytest.mark.skipif(PROBLEM is not None, reason=PROBLEM or '')
 
+
+@pytest.fixture(autouse=True)
+def _restore_default_scope():
+    """Building mmdet/mmseg models sets mmengine's process-wide default scope;
+    the tests after these expect the one they had."""
+    from mmengine.registry import DefaultScope
+    saved = dict(DefaultScope._instance_dict)
+    yield
+    DefaultScope._instance_dict = saved
+
+
 # Official DaViT dense-prediction table (github.com/dingmyu/davit README):
 # parameters in millions, as printed there (truncated, not rounded:
 # 98.57 M is listed as 98.5).

@@ -130,7 +130,9 @@ def _test(args):
         checks.check_output_file(args.out, args.out_item)  # not after a test
     cfg = merge_args(load_config(args.config), args)
     for note in dist.adapt_config_to_device(cfg):
-        if dist.process_rank() == 0:
+        # Distributed runs say what changed (SyncBN -> BN changes the
+        # statistics); a single process only switches backends it never uses.
+        if cfg.launcher != 'none' and dist.process_rank() == 0:
             print(f'no CUDA here: {note}', file=sys.stderr, flush=True)
     checks.check_datasets(cfg, ['test_dataloader'])
     checks.check_dataloaders(cfg, ['test_dataloader'])

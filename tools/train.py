@@ -110,7 +110,9 @@ def _train(args):
 
     cfg = merge_args(load_config(args.config), args)
     for note in dist.adapt_config_to_device(cfg):
-        if dist.process_rank() == 0:
+        # Distributed runs say what changed (SyncBN -> BN changes the
+        # statistics); a single process only switches backends it never uses.
+        if cfg.launcher != 'none' and dist.process_rank() == 0:
             print(f'no CUDA here: {note}', file=sys.stderr, flush=True)
     loaders = ['train_dataloader']
     if cfg.get('val_cfg') is not None and cfg.get('val_dataloader'):
