@@ -504,8 +504,17 @@ class DaViTStage(nn.Module):
                                          downsample_kernel_size)
         self.out_channels = 2 * embed_dims if downsample else embed_dims
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Run the blocks (not the downsample): (B, H, W, C) in and out."""
+    def forward(self,
+                x: Tensor,
+                downsample: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+        """Run the blocks, then the downsample: (B, H, W, C) in.
+
+        Returns the blocks' output and its downsampled map (None for the last
+        stage, or with ``downsample=False`` when the backbone does not need
+        it). The stage runs its own downsample so that wrappers of a stage
+        (FSDP's ``fully_shard``, activation checkpointing) see every use of its
+        parameters inside its ``forward``.
+        """
         use_cp = self.with_cp and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if use_cp:
@@ -515,7 +524,9 @@ class DaViTStage(nn.Module):
                     x = checkpoint.checkpoint(half, x, use_reentrant=False)
             else:
                 x = block(x)
-        return x
+        if downsample and self.downsample is not None:
+            return x, self.downsample(x)
+        return x, None
 
 
 @MODELS.register_module()
@@ -842,15 +853,14 @@ class DaViT(BaseBackbone):
         self._check_input(x)
         x = self.patch_embed(x)
         outs = []
-        for i, stage in enumerate(self.stages[:self.out_indices[-1] + 1]):
-            x = stage(x)
-            if self.out_after_downsample and stage.downsample is not None:
-                x = stage.downsample(x)
+        last = self.out_indices[-1]
+        for i, stage in enumerate(self.stages[:last + 1]):
+            out, down = stage(x, self.out_after_downsample or i < last)
+            if self.out_after_downsample and down is not None:
+                out = down
             if i in self.out_indices:
-                outs.append(self._output(i, x))
-            if not self.out_after_downsample and \
-                    stage.downsample is not None and i < self.out_indices[-1]:
-                x = stage.downsample(x)
+                outs.append(self._output(i, out))
+            x = out if down is None else down
         return tuple(outs)
 
     def _output(self, i: int, x: Tensor) -> Tensor:
