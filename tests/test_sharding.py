@@ -3,8 +3,8 @@ block, FSDP1 with a block auto-wrap policy, on 2 CPU processes over gloo.
 
 Each stage runs its own downsample, so a sharded stage's parameters are
 gathered whenever they are used (before, FSDP2 per stage failed with
-``aten.native_layer_norm.default got mixed torch.Tensor and DTensor``).
-Outputs and gradients must equal those of the unsharded model.
+``aten.native_layer_norm.default got mixed torch.Tensor and DTensor``). Outputs
+and gradients must equal those of the unsharded model.
 """
 import json
 import os
@@ -111,8 +111,8 @@ def test_sharded_forward_and_backward_equal_the_unsharded_model(
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
     env.pop('LOCAL_RANK', None)
     proc = subprocess.run([
-        sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node',
-        '2', '--master_port',
+        sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
+        '--master_port',
         str(_free_port()),
         str(script), mode,
         str(out)
