@@ -356,51 +356,8 @@ def test_tool_rejects_florence2_as_target(tmp_path, capsys):
         C.convert(florence2_state_dict(), 'florence2')
 
 
-def test_florence2_scheme_converts_a_cached_download(tmp_path, monkeypatch):
-    """``florence2://`` (the hub's weights) reads the file from the cache and
-    converts it; mmengine's load_checkpoint gets our layout."""
-    from mmengine.runner import load_checkpoint
-    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
-    cache = tmp_path / 'checkpoints' / 'florence2' / 'org--Mini'
-    cache.mkdir(parents=True)
-    torch.save(florence2_state_dict(), cache / 'pytorch_model.bin')
-    url = 'florence2://huggingface.co/org/Mini/resolve/main/pytorch_model.bin'
-    from mmpretrain.models import ImageClassifier
-    clf = ImageClassifier(
-        backbone=dict(
-            type='davit_ext.DaViT',
-            arch=dict(
-                MINI,
-                window_size=12,
-                downsample_kernel_size=3,
-                channel_attn_v2=True),
-            official=True))
-    ckpt = load_checkpoint(clf, url, map_location='cpu', strict=True)
-    assert ckpt['meta']['converted_from'] == 'florence2'
-    assert ckpt['meta']['ignored'] == len(VLM_EXTRAS)
-    sd = florence2_state_dict()
-    assert torch.equal(
-        clf.backbone.stages[2].blocks[1].channel_block.attn.qkv.weight,
-        sd['vision_tower.blocks.2.1.channel_block.channel_attn.fn.qkv.weight'])
-
-
-def test_florence2_scheme_offline_message(tmp_path, monkeypatch):
-    from davit_ext.errors import CheckpointDownloadError
-    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
-    # Port 9 on localhost: nothing listens, the download fails at once.
-    url = 'florence2://127.0.0.1:9/org/Mini/resolve/main/pytorch_model.bin'
-    with pytest.raises(CheckpointDownloadError) as err:
-        florence2.load_from_florence2(url)
-    msg = str(err.value)
-    assert msg.startswith('could not download the Florence-2 weights '
-                          'https://127.0.0.1:9/org/Mini/resolve/main/'
-                          'pytorch_model.bin')
-    assert ('python tools/model_converters/davit_to_mmpretrain.py '
-            'pytorch_model.bin tower.pth') in msg
-    assert "pretrained='tower.pth'" in msg
-    assert osp.join('florence2', 'org--Mini', 'pytorch_model.bin') in msg
-    assert not list(
-        (tmp_path / 'checkpoints' / 'florence2' / 'org--Mini').iterdir())
+# florence2:// (huggingface_hub's cache, offline mode, revisions) and the
+# transformers-native layout: tests/test_florence2_hf.py.
 
 
 # ------------------------------------------------------- configs and hub
@@ -489,22 +446,3 @@ def test_fl_custom_dataset_config_builds_and_trains_a_step(tmp_path):
     loss.backward()
     assert torch.isfinite(loss)
     assert model.backbone.patch_embed.projection.weight.grad is not None
-
-
-def test_get_model_pretrained_offline_says_how_to_convert(offline_hub):
-    from mmpretrain import get_model
-
-    from davit_ext.errors import CheckpointDownloadError
-
-    with pytest.raises(CheckpointDownloadError) as err:
-        get_model('davit-base-fl_florence2-pre_3rdparty', pretrained=True)
-    msg = str(err.value)
-    assert msg.startswith(
-        'could not download the Florence-2 weights https://huggingface.co/'
-        'microsoft/Florence-2-base/resolve/main/pytorch_model.bin '
-        '(Name or service not known)')
-    assert 'fetch pytorch_model.bin from https://huggingface.co/microsoft/' \
-        'Florence-2-base on another machine' in msg
-    assert osp.join(
-        str(offline_hub), 'checkpoints', 'florence2',
-        'microsoft--Florence-2-base', 'pytorch_model.bin') in msg

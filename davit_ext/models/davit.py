@@ -578,18 +578,26 @@ class DaViT(BaseBackbone):
             same outputs and gradients). Defaults to False.
         official (bool): Forward of the original DaViT instead of
             mmpretrain's: the stem is padded 3 on every side (after padding
-            right/bottom to a multiple of ``patch_size``) and each output is
-            globally average pooled *before* its norm, so the backbone returns
-            normalised ``(B, C)`` features and the classifier needs no neck.
+            right/bottom to a multiple of ``patch_size``) and (unless
+            ``out_type='featmap'``) each output is globally average pooled
+            *before* its norm, so the backbone returns normalised ``(B, C)``
+            features and the classifier needs no neck.
             The state dict is the same. Defaults to False.
+        out_type (str, optional): ``'featmap'``: normalised ``(B, C, H, W)``
+            maps; ``'avg_featmap'``: globally average pooled, then
+            normalised ``(B, C)`` features. Defaults to ``'avg_featmap'``
+            with ``official=True`` and ``'featmap'`` otherwise;
+            ``official=True, out_type='featmap'`` gives the original
+            model's maps (e.g. a Florence-2 tower's last map, as
+            transformers' ``Florence2VisionBackbone`` returns it).
         init_cfg (dict | list[dict], optional): mmengine initialization
             config. Without one, linear weights get a truncated normal
             (std 0.02) and zero bias, as in the original model.
 
     Returns (forward):
         tuple[Tensor]: One entry per ``out_indices``, in stage order:
-        ``(B, C_i, H_i, W_i)`` maps, or ``(B, C_i)`` vectors when
-        ``official=True``.
+        ``(B, C_i, H_i, W_i)`` maps, or ``(B, C_i)`` vectors with
+        ``out_type='avg_featmap'`` (the default of ``official=True``).
     """
     arch_zoo = {
         **dict.fromkeys(['t', 'tiny'], {
@@ -667,6 +675,7 @@ class DaViT(BaseBackbone):
                  out_indices: Union[int, Sequence[int]] = (3, ),
                  with_cp: bool = False,
                  official: bool = False,
+                 out_type: Optional[str] = None,
                  downsample_kernel_size: Optional[int] = None,
                  channel_attn_v2: Optional[bool] = None,
                  init_cfg: Optional[Union[Dict, List[Dict]]] = None) -> None:
@@ -699,6 +708,13 @@ class DaViT(BaseBackbone):
         self.norm_eval = norm_eval
         self.out_after_downsample = out_after_downsample
         self.official = official
+        if out_type is None:
+            out_type = 'avg_featmap' if official else 'featmap'
+        if out_type not in ('featmap', 'avg_featmap'):
+            raise ValueError(
+                "DaViT: out_type must be 'featmap' ((B, C, H, W) maps) or "
+                f"'avg_featmap' (pooled (B, C) features); got {out_type!r}.")
+        self.out_type = out_type
         stage_cfgs = self._parse_stage_cfgs(stage_cfgs)
 
         self.patch_embed = PatchEmbed(in_channels, self.embed_dims, patch_size,
@@ -739,10 +755,12 @@ class DaViT(BaseBackbone):
         for i in self.out_indices:
             norm = nn.Identity() if norm_cfg is None else build_norm_layer(
                 norm_cfg, self.num_features[i])[1]
-            if official and not isinstance(norm, (nn.LayerNorm, nn.Identity)):
+            if out_type == 'avg_featmap' and not isinstance(
+                    norm, (nn.LayerNorm, nn.Identity)):
                 raise ValueError(
-                    'DaViT: official=True normalises pooled (B, C) features '
-                    f'and needs a LayerNorm norm_cfg; got {norm_cfg}.')
+                    'DaViT: pooled outputs (official=True, out_type='
+                    "'avg_featmap') are normalised (B, C) features and need "
+                    f'a LayerNorm norm_cfg; got {norm_cfg}.')
             self.add_module(f'norm{i}', norm)
         self._freeze_stages()
 
@@ -865,7 +883,7 @@ class DaViT(BaseBackbone):
 
     def _output(self, i: int, x: Tensor) -> Tensor:
         norm = getattr(self, f'norm{i}')
-        if self.official:
+        if self.out_type == 'avg_featmap':
             # The original model pools first, then normalises.
             return norm(x.mean(dim=(1, 2)))
         if isinstance(norm, nn.LayerNorm):

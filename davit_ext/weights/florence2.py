@@ -1,40 +1,49 @@
 """Florence-2's DaViT vision towers as davit_ext checkpoints.
 
-Florence-2 (microsoft/Florence-2-base and -large on Hugging Face) ships the
-whole vision-language model in one ``pytorch_model.bin`` or
-``model.safetensors``; its image encoder is a DaViT under ``vision_tower.*``
-(our archs ``base-fl`` and ``huge-fl``). This module reads such a file
-safely, keeps the tower, and converts it to our (mmpretrain) layout with
-:mod:`davit_ext.weights.layouts`:
+Florence-2 ships the whole vision-language model in one ``pytorch_model.bin``
+or ``model.safetensors``; its image encoder is a DaViT (our archs ``base-fl``
+and ``huge-fl``). Hugging Face serves it in two layouts (see
+:mod:`davit_ext.weights.layouts`): the remote-code model's
+(microsoft/Florence-2-base, -large: ``vision_tower.convs.0.proj``...) and
+transformers' own (florence-community/Florence-2-base, -large:
+``model.vision_tower.convs.0.conv``...). This module reads either safely,
+whole models or towers alone, keeps the tower and converts it to our
+(mmpretrain) layout:
 
 - :func:`read_safetensors` -- a ``.safetensors`` file (no pickle at all),
   optionally reading only the tensors under a prefix;
 - :func:`load_vision_tower` -- a local Florence-2 file -> our state dict;
-- the ``florence2://`` checkpoint scheme (:func:`install`): the metafile
-  names ``florence2://huggingface.co/<repo>/resolve/main/<file>``, so
-  ``get_model('davit-base-fl_florence2-pre_3rdparty', pretrained=True)``
-  downloads the Hugging Face file over https and converts its tower on the
-  fly; offline it stops with one message saying how to convert a copy.
+- the ``florence2://`` checkpoint scheme (:func:`install`):
+  ``florence2://huggingface.co/<org>/<repo>/resolve/<revision>/<file>``
+  (the metafile's weights of ``davit-{base,huge}-fl_florence2-pre_3rdparty``)
+  fetches the file through ``huggingface_hub`` -- its cache (``HF_HOME`` /
+  ``HF_HUB_CACHE``), offline mode (``HF_HUB_OFFLINE=1``), ``HF_ENDPOINT``
+  mirrors and tokens -- at that revision (a branch, tag or commit: pin a
+  commit for reproducible runs), and converts its tower on the fly; offline
+  without a cached copy it stops with one message saying how to get one.
 """
-import os.path as osp
+import re
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple
 
 from torch import Tensor
 
 from davit_ext.errors import CheckpointDownloadError, UnknownLayoutError
-from .download import download_checkpoint
-from .layouts import (FLORENCE2_PREFIX, convert, detect_layout,
+from .layouts import (convert, find_florence2_tower, florence2_vision_tower,
                       infer_num_stages, unwrap_state_dict)
 from .safe_load import safe_torch_load
 
 __all__ = [
-    'SCHEME', 'read_safetensors', 'load_vision_tower', 'load_from_florence2',
-    'install'
+    'SCHEME', 'read_safetensors', 'read_florence2_safetensors',
+    'load_vision_tower', 'load_from_florence2', 'parse_url', 'install'
 ]
 
 SCHEME = 'florence2://'
 CONVERTER = 'tools/model_converters/davit_to_mmpretrain.py'
+# florence2://HOST/ORG/REPO/resolve/REVISION/FILE (a Hugging Face file URL
+# without its https://); REVISION may itself hold slashes (refs/pr/6).
+_URL = re.compile(r'(?P<host>[^/]+)/(?P<repo>[^/]+/[^/]+)/resolve/'
+                  r'(?P<revision>.+)/(?P<file>[^/]+)')
 
 
 def read_safetensors(
@@ -76,10 +85,30 @@ def read_safetensors(
     return tensors, skipped
 
 
+def read_florence2_safetensors(
+        path: str) -> Tuple['OrderedDict[str, Tensor]', List[str]]:
+    """Read a ``.safetensors`` file; of a whole Florence-2 model only the
+    vision tower's tensors (the rest is mostly language model).
+
+    Returns:
+        tuple: The tensors read (under their own names) and the names of
+        the tensors left unread.
+    """
+    keys: List[str] = []
+    try:
+        from safetensors import safe_open
+        with safe_open(path, framework='pt', device='cpu') as f:
+            keys = list(f.keys())
+    except Exception:  # not installed or not a safetensors file: said below
+        pass
+    found = find_florence2_tower(keys)
+    return read_safetensors(path, prefix=found[1] if found else None)
+
+
 def _read_any(path: str) -> Tuple[Dict[str, Any], List[str]]:
     """A Florence-2 (or any) weights file -> (state dict, keys not read)."""
     if path.endswith('.safetensors'):
-        return read_safetensors(path, prefix=FLORENCE2_PREFIX)
+        return read_florence2_safetensors(path)
     return unwrap_state_dict(safe_torch_load(path, map_location='cpu')), []
 
 
@@ -87,46 +116,103 @@ def load_vision_tower(path: str) -> Tuple['OrderedDict[str, Tensor]', Dict]:
     """Convert the vision tower of a local Florence-2 file to our layout.
 
     Args:
-        path: ``pytorch_model.bin`` or ``model.safetensors`` of
-            microsoft/Florence-2-base or -large (the whole model).
+        path: ``pytorch_model.bin`` or ``model.safetensors`` of a Florence-2
+            model (microsoft/Florence-2-* or florence-community/Florence-2-*,
+            the whole model), or of its vision tower alone.
 
     Returns:
         tuple: The state dict in our layout (``backbone.*`` keys, an
         identity output norm added, see :mod:`davit_ext.weights.layouts`) and a
-        dict with ``num_stages``, ``converted`` (tensors taken from the
-        file) and ``ignored`` (the file's other tensors).
+        dict with ``layout`` (``florence2`` or ``florence2-native``),
+        ``num_stages``, ``converted`` (tensors taken from the file) and
+        ``ignored`` (the file's other tensors).
 
     Raises:
         UnknownLayoutError: The file holds no Florence-2 vision tower.
     """
     state_dict, skipped = _read_any(path)
-    if not state_dict or detect_layout(state_dict) != 'florence2':
+    found = find_florence2_tower(state_dict)
+    if found is None:
         raise UnknownLayoutError(
-            f'{path} holds no Florence-2 vision tower (no '
-            f'"{FLORENCE2_PREFIX}convs.0.proj.weight" key).')
-    ignored: List[str] = []
-    num_stages = infer_num_stages(state_dict, 'florence2')
-    converted = convert(state_dict, 'mmpretrain', 'florence2', num_stages,
-                        ignored)
+            f'{path} holds no Florence-2 vision tower (no key ends in '
+            '"convs.0.proj.weight" (remote-code Florence-2) or '
+            '"convs.0.conv.weight" (transformers\' Florence-2) next to its '
+            'blocks).')
+    layout, prefix = found
+    tower, others = florence2_vision_tower(state_dict, prefix)
+    num_stages = infer_num_stages(tower, layout)
+    converted = convert(tower, 'mmpretrain', layout, num_stages)
     return converted, dict(
+        layout=layout,
         num_stages=num_stages,
-        converted=len(state_dict) - len(ignored),
-        ignored=len(ignored) + len(skipped))
+        converted=len(tower),
+        ignored=len(others) + len(skipped))
+
+
+def parse_url(filename: str) -> Dict[str, str]:
+    """Split ``florence2://HOST/ORG/REPO/resolve/REVISION/FILE``.
+
+    Returns:
+        dict: ``host``, ``repo`` (``ORG/REPO``), ``revision`` and ``file``.
+
+    Raises:
+        CheckpointDownloadError: Not of that form (with an example).
+    """
+    m = _URL.fullmatch(filename[len(SCHEME):])
+    if m is None:
+        raise CheckpointDownloadError(
+            f'{filename} is not a Florence-2 weights URL: write it as '
+            f'{SCHEME}huggingface.co/ORG/REPO/resolve/REVISION/FILE, e.g. '
+            f'{SCHEME}huggingface.co/microsoft/Florence-2-base/resolve/main/'
+            'pytorch_model.bin (REVISION: a branch, tag or commit).')
+    return m.groupdict()
+
+
+def _hub_download(url: Dict[str, str]) -> str:
+    """Fetch the file through huggingface_hub (its cache, offline mode,
+    endpoint and token settings) and return its local path."""
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (EntryNotFoundError,
+                                            HfHubHTTPError,
+                                            LocalEntryNotFoundError)
+    except ImportError as e:
+        raise ImportError(
+            'Florence-2 weights are fetched with huggingface_hub: pip '
+            'install huggingface_hub (a dependency of davit_ext).') from e
+    # huggingface.co: None lets HF_ENDPOINT (a mirror) apply.
+    endpoint = None if url['host'] == 'huggingface.co' else \
+        'https://' + url['host']
+    try:
+        return hf_hub_download(
+            url['repo'],
+            url['file'],
+            revision=url['revision'],
+            endpoint=endpoint,
+            library_name='davit_ext')
+    except LocalEntryNotFoundError as e:
+        # Offline (HF_HUB_OFFLINE=1) or no connection, and not in the cache.
+        reason = str(e).strip().splitlines()[0].rstrip('.')
+        raise CheckpointDownloadError(reason) from None
+    except EntryNotFoundError as e:
+        raise CheckpointDownloadError(
+            f'{url["repo"]} has no file {url["file"]} at revision '
+            f'{url["revision"]} ({type(e).__name__})') from None
+    except (HfHubHTTPError, OSError) as e:
+        reason = str(e).strip().splitlines()[0].rstrip('.')
+        raise CheckpointDownloadError(reason) from None
 
 
 def load_from_florence2(filename: str, map_location: Any = None) -> Dict:
-    """mmengine ``CheckpointLoader`` scheme ``florence2://HOST/PATH``.
+    """mmengine ``CheckpointLoader`` scheme ``florence2://HOST/ORG/REPO/
+    resolve/REVISION/FILE``.
 
-    Downloads ``https://HOST/PATH`` (a Florence-2 weights file) into
-    ``<torch hub dir>/checkpoints/florence2/<repo>/`` and returns
+    Fetches the Florence-2 weights file through huggingface_hub (into its
+    cache; offline mode and mirrors as huggingface_hub has them) and returns
     ``{'state_dict': <our layout>, 'meta': ...}``.
     """
-    url = 'https://' + filename[len(SCHEME):]
-    parts = filename[len(SCHEME):].split('/')
-    # One folder per repository: base and large files share their names.
-    repo = '--'.join(parts[1:3]) if len(parts) > 3 else 'florence2'
-    import torch
-    cache_dir = osp.join(torch.hub.get_dir(), 'checkpoints', 'florence2', repo)
+    url = parse_url(filename)
+    https = 'https://' + filename[len(SCHEME):]
     from mmengine.dist import barrier, get_dist_info
     rank, world_size = get_dist_info()
     try:
@@ -135,26 +221,29 @@ def load_from_florence2(filename: str, map_location: Any = None) -> Dict:
         if world_size > 1 and rank != 0:
             barrier()
         try:
-            local = download_checkpoint(url, cache_dir=cache_dir)
+            local = _hub_download(url)
         finally:
             if world_size > 1 and rank == 0:
                 barrier()
     except CheckpointDownloadError as e:
-        name = parts[-1]
+        name, repo, rev = url['file'], url['repo'], url['revision']
         raise CheckpointDownloadError(
-            f'could not download the Florence-2 weights {url} '
-            f'({str(e).split(": ", 1)[-1].split(". ")[0]}). Without network '
-            f'access: fetch {name} from https://huggingface.co/'
-            f'{"/".join(parts[1:3])} on another machine, convert its vision '
-            f'tower with "python {CONVERTER} {name} tower.pth" and pass '
-            "pretrained='tower.pth' (in a fine-tuning config: "
-            "model.backbone.init_cfg.checkpoint='tower.pth');"
-            f' or copy {name} to {osp.join(cache_dir, name)}, where it is '
-            'found without downloading.') from None
+            f'could not fetch the Florence-2 weights {https} ({e}). On a '
+            f'machine with network access run "hf download {repo} {name} '
+            f'--revision {rev}" and copy its Hugging Face cache (HF_HOME, '
+            '~/.cache/huggingface) here, where it is found offline; or '
+            f'fetch {name} from https://huggingface.co/{repo}, convert its '
+            f'vision tower with "python {CONVERTER} {name} tower.pth" and '
+            "pass pretrained='tower.pth' (in a fine-tuning config: "
+            "model.backbone.init_cfg.checkpoint='tower.pth').") from None
     state_dict, info = load_vision_tower(local)
     return dict(
         state_dict=state_dict,
-        meta=dict(converted_from='florence2', source=url, **info))
+        meta=dict(
+            converted_from=info.pop('layout'),
+            source=https,
+            revision=url['revision'],
+            **info))
 
 
 # It reads only through safe_torch_load / safetensors: the schemes'

@@ -9,11 +9,13 @@ SRC is a ``.pth``/``.pt``/``.bin`` checkpoint (file or http(s) URL) or a
 ``.safetensors`` file of an official (github.com/dingmyu/davit), timm
 (also ``davit_base_fl`` / ``davit_huge_fl``) or mmpretrain DaViT classifier:
 a plain state dict or one wrapped under ``state_dict``, ``model`` or
-``state_dict_ema`` (``--key`` picks another). It may also be a whole
+``state_dict_ema`` (``--key`` picks another). It may also be a
 Florence-2 model (``pytorch_model.bin`` or ``model.safetensors`` of
-microsoft/Florence-2-base or -large): its ``vision_tower.*`` tensors are
-converted, every other tensor is left out and counted, and the output norm
-the tower lacks is added as identity. Its layout is detected. With
+microsoft/Florence-2-base or -large, remote-code layout, or of
+florence-community/Florence-2-base or -large, transformers' layout), whole
+or its vision tower alone: the tower's tensors are converted, every other
+tensor is left out and counted, and the output norm the tower lacks is added
+as identity. Its layout is detected. With
 ``--to mmpretrain`` (the default) DST is ``{'state_dict': ..., 'meta': ...}``
 and loads with ``strict=True`` into davit_ext's DaViT (arch ``base-fl`` /
 ``huge-fl`` for Florence-2 towers); ``--to timm`` / ``--to official`` write
@@ -28,7 +30,7 @@ from collections import OrderedDict
 import torch
 
 from davit_ext.version import __version__
-from davit_ext.weights.layouts import (FLORENCE2_PREFIX, TARGET_LAYOUTS,
+from davit_ext.weights.layouts import (FLORENCE2_LAYOUTS, TARGET_LAYOUTS,
                                        UnknownLayoutError, UnmappedKeysError,
                                        convert, detect_layout,
                                        infer_num_stages, unwrap_state_dict)
@@ -75,23 +77,14 @@ def load_source(path: str, allow_pickle: bool = False):
     """
     from davit_ext.errors import UnsafeCheckpointError
     from davit_ext.weights import download_checkpoint, safe_torch_load
-    from davit_ext.weights.florence2 import read_safetensors
+    from davit_ext.weights.florence2 import read_florence2_safetensors
     source = path
     if path.startswith(('http://', 'https://')):
         path = download_checkpoint(path)
     if not osp.isfile(path):
         raise FileNotFoundError(f'No checkpoint file at {path!r}.')
     if path.endswith('.safetensors'):
-        try:
-            from safetensors import safe_open
-            with safe_open(path, framework='pt') as f:
-                florence2 = any(
-                    k.startswith(FLORENCE2_PREFIX) for k in f.keys())
-        except ImportError:
-            florence2 = False  # read_safetensors says what to install
-        except Exception:  # not a safetensors file: said below
-            florence2 = False
-        return read_safetensors(path, FLORENCE2_PREFIX if florence2 else None)
+        return read_florence2_safetensors(path)
     if allow_pickle:
         return torch.load(path, map_location='cpu', weights_only=False), []
     try:
@@ -121,7 +114,7 @@ def main(argv=None) -> int:
             source=osp.basename(args.src),
             num_stages=num_stages,
             converter=f'davit_ext {__version__}')
-        if src_layout == 'florence2':
+        if src_layout in FLORENCE2_LAYOUTS:
             meta['ignored_tensors'] = len(ignored)
         out = OrderedDict(state_dict=converted, meta=meta)
     else:
@@ -129,8 +122,8 @@ def main(argv=None) -> int:
     dst_dir = osp.dirname(osp.abspath(args.dst))
     os.makedirs(dst_dir, exist_ok=True)
     torch.save(out, args.dst)
-    if src_layout == 'florence2':
-        print(f'Florence-2 model: converted its vision tower (a '
+    if src_layout in FLORENCE2_LAYOUTS:
+        print(f'Florence-2 model ({src_layout} layout): converted its vision tower (a '
               f'{num_stages}-stage DaViT, {len(converted) - 2} tensors, plus '
               f'an identity output norm it does not have) to {args.to}; '
               f'ignored {len(ignored)} other tensors (language model, image '
