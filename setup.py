@@ -121,8 +121,18 @@ setup(
     install_requires=requirements(),
     extras_require={
         'tests': [
-            'pytest', 'timm>=1.0', 'scikit-learn', 'onnx', 'onnxruntime',
-            'onnxscript', 'pre-commit', 'safetensors', 'peft'
+            'pytest',
+            'timm>=1.0',
+            'scikit-learn',
+            'onnx',
+            'onnxruntime',
+            'onnxscript',
+            'pre-commit',
+            'safetensors',
+            'peft',
+            # Oracle of Florence-2's transformers-native layout (its own
+            # Florence2 model, since 4.56).
+            'transformers>=4.56'
         ],
         # .safetensors checkpoints (e.g. Florence-2's model.safetensors).
         'safetensors': ['safetensors'],

@@ -21,7 +21,6 @@ import torch
 
 import davit_ext  # noqa: F401
 from davit_ext.models.davit import DaViT
-from davit_ext.weights import florence2
 from davit_ext.weights import layouts as C
 
 timm = pytest.importorskip('timm')
@@ -358,7 +357,6 @@ def test_tool_rejects_florence2_as_target(tmp_path, capsys):
 
 # florence2:// (huggingface_hub's cache, offline mode, revisions) and the
 # transformers-native layout: tests/test_florence2_hf.py.
-
 
 # ------------------------------------------------------- configs and hub
 FL_MODELS = {

@@ -16,6 +16,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from test_florence2 import florence2_state_dict
 
 import davit_ext  # noqa: F401
 from davit_ext.errors import CheckpointDownloadError, UnknownLayoutError
@@ -23,16 +24,12 @@ from davit_ext.models.davit import DaViT
 from davit_ext.weights import florence2
 from davit_ext.weights import layouts as C
 
-transformers = pytest.importorskip('transformers')
-pytest.importorskip('transformers.models.florence2')
+hf = pytest.importorskip('transformers.models.florence2')
 safetensors = pytest.importorskip('safetensors.torch')
-from transformers import (Florence2Config,  # noqa: E402
-                          Florence2ForConditionalGeneration,
-                          Florence2VisionConfig)
-from transformers.models.florence2.modeling_florence2 import \
-    Florence2VisionBackbone  # noqa: E402
-
-from test_florence2 import florence2_state_dict  # noqa: E402
+Florence2Config = hf.Florence2Config
+Florence2ForConditionalGeneration = hf.Florence2ForConditionalGeneration
+Florence2VisionConfig = hf.Florence2VisionConfig
+Florence2VisionBackbone = hf.Florence2VisionBackbone
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -54,8 +51,8 @@ TEXT = dict(
 
 
 def _randomise(model: torch.nn.Module) -> None:
-    """Every parameter (norms included) away from its default, so that a
-    wrong mapping cannot hide behind a LayerNorm of ones."""
+    """Every parameter (norms included) away from its default, so that a wrong
+    mapping cannot hide behind a LayerNorm of ones."""
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -72,7 +69,7 @@ def _vision_config(arch: str) -> 'Florence2VisionConfig':
 
 def _ours(arch: str, **kwargs) -> DaViT:
     # The original stem's padding, maps out (no pooling): transformers'.
-    kwargs.update(official=True, out_type='featmap')
+    kwargs = dict(dict(official=True, out_type='featmap'), **kwargs)
     if arch == 'base-fl':
         return DaViT(arch='base-fl', **kwargs).eval()
     return DaViT(
@@ -88,8 +85,8 @@ def _ours(arch: str, **kwargs) -> DaViT:
 
 def _load(model: DaViT, path: str) -> dict:
     """Load a converted Florence-2 file strictly; into a model without an
-    output norm (``norm_cfg=None``), without the identity-initialised one
-    the conversion adds."""
+    output norm (``norm_cfg=None``), without the identity-initialised one the
+    conversion adds."""
     state_dict, info = florence2.load_vision_tower(path)
     has_norm = any(k.startswith('norm') for k in model.state_dict())
     model.load_state_dict(
@@ -118,9 +115,9 @@ def _max_rel_diff(got: torch.Tensor, expected: torch.Tensor) -> float:
                                        ('base-fl', (96, 160))])
 def test_whole_transformers_model_file_equals_its_vision_tower(
         arch, size, tmp_path):
-    """A Florence2ForConditionalGeneration saved by transformers (the layout
-    of florence-community/Florence-2-*: ``model.vision_tower.*``) converts,
-    and our last map equals transformers' tower at a non-square size."""
+    """A Florence2ForConditionalGeneration saved by transformers (the layout of
+    florence-community/Florence-2-*: ``model.vision_tower.*``) converts, and
+    our last map equals transformers' tower at a non-square size."""
     cfg = Florence2Config(
         vision_config=_vision_config(arch).to_dict(),
         text_config=TEXT,
@@ -183,7 +180,8 @@ def test_tower_only_file_and_pytorch_bin(tmp_path):
     ours = _ours('small')
     ours.load_state_dict(
         {k[len('backbone.'):]: v
-         for k, v in ckpt['state_dict'].items()}, strict=True)
+         for k, v in ckpt['state_dict'].items()},
+        strict=True)
     with torch.no_grad():
         (got, ) = ours(x)
     assert _max_rel_diff(got, _output_norm(expected)) <= 1e-4
@@ -212,10 +210,16 @@ def test_layout_detection_under_any_prefix():
 
 
 # ------------------------------------------- downloads via huggingface_hub
-def _put_in_hf_cache(cache, repo, revision_sha, name, state_dict,
+def _put_in_hf_cache(cache,
+                     repo,
+                     revision_sha,
+                     name,
+                     state_dict,
                      branch='main'):
     """Lay a file out as huggingface_hub's cache does after a download:
-    ``models--ORG--REPO/snapshots/<sha>/<file>`` and ``refs/<branch>``."""
+
+    ``models--ORG--REPO/snapshots/<sha>/<file>`` and ``refs/<branch>``.
+    """
     folder = cache / ('models--' + repo.replace('/', '--'))
     snapshot = folder / 'snapshots' / revision_sha
     snapshot.mkdir(parents=True, exist_ok=True)
@@ -257,16 +261,15 @@ def _small_classifier():
 
 def test_scheme_reads_hf_cache_offline_at_the_pinned_revision(hf_offline):
     """florence2:// goes through huggingface_hub: a cached file is found
-    offline, and the URL's revision picks the snapshot (a pinned commit
-    and the branch main hold different files here)."""
+    offline, and the URL's revision picks the snapshot (a pinned commit and the
+    branch main hold different files here)."""
     from mmengine.runner import load_checkpoint
     old, new = 'a' * 40, 'b' * 40
     remote = florence2_state_dict()
-    _put_in_hf_cache(hf_offline, 'org/Mini', old, 'pytorch_model.bin',
-                     remote, branch=None)
+    _put_in_hf_cache(
+        hf_offline, 'org/Mini', old, 'pytorch_model.bin', remote, branch=None)
     changed = {k: v + 1 for k, v in remote.items()}
-    _put_in_hf_cache(hf_offline, 'org/Mini', new, 'pytorch_model.bin',
-                     changed)
+    _put_in_hf_cache(hf_offline, 'org/Mini', new, 'pytorch_model.bin', changed)
     key = 'vision_tower.blocks.2.1.channel_block.channel_attn.fn.qkv.weight'
     for revision, expected in ((old, remote), ('main', changed)):
         clf = _small_classifier()
@@ -346,3 +349,15 @@ def test_get_model_pretrained_offline_says_how(hf_offline, monkeypatch):
     assert str(err.value).startswith(
         'could not fetch the Florence-2 weights https://huggingface.co/'
         'microsoft/Florence-2-base/resolve/main/pytorch_model.bin (')
+
+
+def test_out_type_choices():
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        (pooled, ) = _ours('small', out_type='avg_featmap')(x)
+        (maps, ) = _ours('small')(x)
+    assert pooled.shape == (1, 128) and maps.shape == (1, 128, 2, 2)
+    with pytest.raises(ValueError, match="out_type must be 'featmap'"):
+        DaViT(arch='tiny', out_type='cls_token')
+    with pytest.raises(ValueError, match='need a LayerNorm norm_cfg'):
+        DaViT(arch='tiny', out_type='avg_featmap', norm_cfg=dict(type='BN'))

@@ -173,8 +173,7 @@ def _hub_download(url: Dict[str, str]) -> str:
     endpoint and token settings) and return its local path."""
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import (EntryNotFoundError,
-                                            HfHubHTTPError,
+        from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError,
                                             LocalEntryNotFoundError)
     except ImportError as e:
         raise ImportError(

@@ -140,8 +140,8 @@ _MARKERS = {
 _FLORENCE2_MARKERS = {
     'florence2': ('convs.0.proj.weight',
                   'blocks.0.0.spatial_block.window_attn.fn.qkv.weight'),
-    'florence2-native': ('convs.0.conv.weight',
-                         'blocks.0.0.spatial_block.window_attn.qkv.weight'),
+    'florence2-native':
+    ('convs.0.conv.weight', 'blocks.0.0.spatial_block.window_attn.qkv.weight'),
 }
 # Where each layout numbers its stages (Florence-2: inside the tower).
 _STAGE_RE = {
@@ -296,8 +296,8 @@ def unwrap_state_dict(checkpoint: Any,
 
 def detect_layout(state_dict: Mapping[str, Tensor]) -> str:
     """Name the layout of a DaViT state dict (one of :data:`LAYOUTS`), from
-    keys that each one alone has; a Florence-2 tower may be under any
-    prefix (a whole model) or none (the tower alone)."""
+    keys that each one alone has; a Florence-2 tower may be under any prefix (a
+    whole model) or none (the tower alone)."""
     found = [name for name, key in _MARKERS.items() if key in state_dict]
     florence2 = find_florence2_tower(state_dict)
     if florence2 is not None:
@@ -310,9 +310,9 @@ def detect_layout(state_dict: Mapping[str, Tensor]) -> str:
         raise UnknownLayoutError(
             'Not a DaViT state dict of a known layout: none of the stem keys '
             + ', '.join(f'{v!r} ({k})' for k, v in _MARKERS.items()) +
-            ', nor a Florence-2 vision tower (' + ', '.join(
-                f'"[PREFIX]{stem}" ({k})'
-                for k, (stem, _) in _FLORENCE2_MARKERS.items()) +
+            ', nor a Florence-2 vision tower (' +
+            ', '.join(f'"[PREFIX]{stem}" ({k})'
+                      for k, (stem, _) in _FLORENCE2_MARKERS.items()) +
             f') is there. Its {len(keys)} keys start with: {shown}')
     raise UnknownLayoutError(
         f'The state dict mixes DaViT layouts {found}; convert a checkpoint of '
@@ -320,8 +320,8 @@ def detect_layout(state_dict: Mapping[str, Tensor]) -> str:
 
 
 def infer_num_stages(state_dict: Mapping[str, Tensor], layout: str) -> int:
-    """Number of stages of a DaViT state dict (highest stage index + 1);
-    a Florence-2 one may be a whole model."""
+    """Number of stages of a DaViT state dict (highest stage index + 1); a
+    Florence-2 one may be a whole model."""
     pattern = re.compile(_STAGE_RE[_check_layout(layout, 'source')])
     if layout in FLORENCE2_LAYOUTS:
         state_dict, _ = florence2_vision_tower(state_dict)

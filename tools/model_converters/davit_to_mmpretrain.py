@@ -123,11 +123,12 @@ def main(argv=None) -> int:
     os.makedirs(dst_dir, exist_ok=True)
     torch.save(out, args.dst)
     if src_layout in FLORENCE2_LAYOUTS:
-        print(f'Florence-2 model ({src_layout} layout): converted its vision tower (a '
-              f'{num_stages}-stage DaViT, {len(converted) - 2} tensors, plus '
-              f'an identity output norm it does not have) to {args.to}; '
-              f'ignored {len(ignored)} other tensors (language model, image '
-              f'projection, position embeddings): {args.dst}')
+        print(f'Florence-2 model ({src_layout} layout): converted its '
+              f'vision tower (a {num_stages}-stage DaViT, '
+              f'{len(converted) - 2} tensors, plus an identity output norm '
+              f'it does not have) to {args.to}; ignored {len(ignored)} other '
+              f'tensors (language model, image projection, position '
+              f'embeddings): {args.dst}')
     else:
         print(f'Converted {len(converted)} tensors of a {num_stages}-stage '
               f'DaViT from the {src_layout} layout to {args.to}: {args.dst}')
