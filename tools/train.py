@@ -109,6 +109,7 @@ def _train(args):
     from davit_ext.errors import ConfigError, NothingToResume
 
     cfg = merge_args(load_config(args.config), args)
+    checks.check_strategy(cfg, 'train')
     for note in dist.adapt_config_to_device(cfg):
         # Distributed runs say what changed (SyncBN -> BN changes the
         # statistics); a single process only switches backends it never uses.

@@ -21,7 +21,7 @@ from .config import _clean
 __all__ = [
     'check_datasets', 'check_dataloaders', 'check_output_file',
     'describe_build_error', 'check_checkpoint_exists',
-    'backbone_init_checkpoint', 'DATASET_PREPARE_URL'
+    'backbone_init_checkpoint', 'check_strategy', 'DATASET_PREPARE_URL'
 ]
 
 DATASET_PREPARE_URL = ('https://mmpretrain.readthedocs.io/en/latest/'
@@ -260,3 +260,28 @@ def backbone_init_checkpoint(cfg: Any) -> Optional[str]:
     if isinstance(init, dict) and init.get('type') == 'Pretrained':
         return init.get('checkpoint')
     return None
+
+
+#: FlexibleRunner strategies that shard the model across processes: they
+#: need the process group of a distributed launch.
+SHARDING_STRATEGIES = ('FSDPStrategy', 'DeepSpeedStrategy',
+                       'ColossalAIStrategy')
+
+
+def check_strategy(cfg: Any, tool: str = 'train') -> None:
+    """A sharding strategy (``FSDPStrategy``, ...) is started by a launcher.
+
+    Without one, mmengine starts no process group and FSDP stops deep in its
+    set-up; one process under torchrun works (nothing is sharded).
+    """
+    from .dist import strategy_name, uses_flexible_runner
+    if not uses_flexible_runner(cfg) or cfg.get('launcher', 'none') != 'none':
+        return
+    name = strategy_name(cfg)
+    if name in SHARDING_STRATEGIES:
+        raise ConfigError(
+            f'{osp.basename(cfg.filename or "the config")} trains with '
+            f'{name}, which shards the model across distributed processes: '
+            f'start it with bash tools/dist_{tool}.sh CONFIG '
+            f'{"CHECKPOINT " if tool == "test" else ""}N (N processes; N=1 '
+            f'runs one unsharded process).')
