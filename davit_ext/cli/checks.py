@@ -280,7 +280,7 @@ def check_strategy(cfg: Any, tool: str = 'train') -> None:
     name = strategy_name(cfg)
     if name in SHARDING_STRATEGIES:
         raise ConfigError(
-            f'{osp.basename(cfg.filename or "the config")} trains with '
+            f'{osp.basename(cfg.filename or "the config")} runs with '
             f'{name}, which shards the model across distributed processes: '
             f'start it with bash tools/dist_{tool}.sh CONFIG '
             f'{"CHECKPOINT " if tool == "test" else ""}N (N processes; N=1 '
