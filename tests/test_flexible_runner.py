@@ -1,7 +1,8 @@
-"""Sharded training through mmengine's FlexibleRunner: ``davit_ext.FSDPStrategy``
-with one FSDP unit per DaViT block, trained by ``tools/dist_train.sh`` on 2
-CPU processes (gloo), resumed with ``--resume``, and compared with the same
-config trained by plain DDP; the configs and the one-line errors.
+"""Sharded training through mmengine's FlexibleRunner:
+``davit_ext.FSDPStrategy`` with one FSDP unit per DaViT block, trained by
+``tools/dist_train.sh`` on 2 CPU processes (gloo), resumed with ``--resume``,
+and compared with the same config trained by plain DDP; the configs and the
+one-line errors.
 
 Oracles: a resumed run equals the uninterrupted one bit for bit (weights,
 optimizer, schedulers); the FSDP run equals the DDP run (same data, same
@@ -76,16 +77,17 @@ def _dist_train(config, work_dir, *args):
     env['PATH'] = osp.dirname(sys.executable) + os.pathsep + env['PATH']
     env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     env.pop('LOCAL_RANK', None)
-    proc = subprocess.run([
-        'bash',
-        osp.join(ROOT, 'tools', 'dist_train.sh'), config, '2', '--work-dir',
-        work_dir
-    ] + list(args),
-                          cwd=osp.dirname(config),
-                          env=env,
-                          capture_output=True,
-                          text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            'bash',
+            osp.join(ROOT, 'tools', 'dist_train.sh'), config, '2',
+            '--work-dir', work_dir
+        ] + list(args),
+        cwd=osp.dirname(config),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     return log
@@ -97,8 +99,8 @@ def _load(path):
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
-    """FSDP 2 epochs (A); FSDP resumed from A's epoch 1 (B); DDP (D)."""
+def tiny(tmp_path_factory):
+    """The data (3 against 8 of scikit-learn's digits) and the DDP config."""
     from sklearn.datasets import load_digits
     digits = load_digits()
     root = tmp_path_factory.mktemp('flexible')
@@ -113,13 +115,21 @@ def runs(tmp_path_factory):
                     (32, 32),
                     Image.BICUBIC).convert('RGB').save(folder / f'{i}.png')
     ddp = root / 'ddp.py'
-    ddp.write_text(DDP_CONFIG.format(base=BASE_CONFIG, data=str(root / 'data')))
+    ddp.write_text(
+        DDP_CONFIG.format(base=BASE_CONFIG, data=str(root / 'data')))
+    return SimpleNamespace(root=root, ddp=str(ddp))
+
+
+@pytest.fixture(scope='module')
+def runs(tiny):
+    """FSDP 2 epochs (A); FSDP resumed from A's epoch 1 (B); DDP (D)."""
+    root, ddp = tiny.root, tiny.ddp
     fsdp = root / 'fsdp.py'
-    fsdp.write_text(FSDP_CONFIG.format(base=str(ddp)))
+    fsdp.write_text(FSDP_CONFIG.format(base=ddp))
     a, b, d = (str(root / name) for name in 'ABD')
     log_a = _dist_train(str(fsdp), a)
     log_b = _dist_train(str(fsdp), b, '--resume', osp.join(a, 'epoch_1.pth'))
-    log_d = _dist_train(str(ddp), d)
+    log_d = _dist_train(ddp, d)
     return SimpleNamespace(
         a=a, b=b, d=d, log_a=log_a, log_b=log_b, log_d=log_d)
 
@@ -206,9 +216,71 @@ def test_fsdp_trains_as_ddp_does(runs):
     ]
 
 
+DEEPSPEED_CONFIG = """
+_base_ = [{base!r}]
+strategy = dict(type='DeepSpeedStrategy',
+                zero_optimization=dict(stage=3), gradient_clipping=1.0)
+optim_wrapper = dict(
+    _delete_=True, type='DeepSpeedOptimWrapper',
+    optimizer=dict(type='AdamW', lr=2e-3, weight_decay=0.05, eps=1e-8,
+                   betas=(0.9, 0.999)),
+    paramwise_cfg=dict(norm_decay_mult=0.0, bias_decay_mult=0.0,
+                       flat_decay_mult=0.0))
+"""
+
+
+def test_deepspeed_zero3_trains_and_resumes_on_cpu(tiny, runs):
+    """Optional (pip install -e ".[deepspeed]"); DeepSpeed compiles its CPU
+    communication op at its first start (minutes)."""
+    pytest.importorskip('deepspeed')
+    config = tiny.root / 'deepspeed.py'
+    config.write_text(DEEPSPEED_CONFIG.format(base=tiny.ddp))
+    work = str(tiny.root / 'S')
+    log = _dist_train(
+        str(config), work, '--cfg-options', 'train_cfg.max_epochs=1')
+    losses = [
+        line.split('loss: ')[1].split()[0] for line in log.splitlines()
+        if 'Epoch(train)' in line
+    ]
+    # ZeRO-3, same rules and clipping: the first steps as DDP's
+    assert losses == [
+        line.split('loss: ')[1].split()[0] for line in runs.log_d.splitlines()
+        if 'Epoch(train) [1]' in line
+    ]
+    # a checkpoint is a folder of DeepSpeed files, one set per rank
+    assert sorted(os.listdir(osp.join(work, 'epoch_1.pth'))) == [
+        f'zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt' for r in (0, 1)
+        for kind in ('model', 'optim')
+    ]
+    log = _dist_train(
+        str(config), work, '--resume', osp.join(work, 'epoch_1.pth'))
+    assert 'resumed epoch: 1, iter: 2' in log
+    assert 'Epoch(train) [2][2/2]' in log and '[1][1/2]' not in log
+    assert osp.isdir(osp.join(work, 'epoch_2.pth'))
+
+
 # --------------------------------------------------------------------------
 # Configs, CPU adaptation, errors: in this process
 # --------------------------------------------------------------------------
+
+
+def test_deepspeed_config_is_the_ddp_config_with_deepspeed():
+    from mmengine.config import Config
+    name = 'configs/davit/davit-huge-fl_florence2-pre_%s_in1k-768px.py'
+    ds = Config.fromfile(osp.join(ROOT, name % 'deepspeed-zero3-8xb16'))
+    ddp = Config.fromfile(osp.join(ROOT, name % '8xb16')).to_dict()
+    ds = ds.to_dict()
+    assert ds.pop('runner_type') == 'FlexibleRunner'
+    strategy = ds.pop('strategy')
+    assert strategy['type'] == 'DeepSpeedStrategy'
+    assert strategy['zero_optimization']['stage'] == 3
+    # clipping and AdamW moved into DeepSpeed's hands, nothing else changed
+    ours, theirs = ds.pop('optim_wrapper'), ddp.pop('optim_wrapper')
+    assert strategy['gradient_clipping'] == theirs['clip_grad']['max_norm']
+    assert ours['type'] == 'DeepSpeedOptimWrapper'
+    assert ours['optimizer'] == theirs['optimizer']
+    assert ours['paramwise_cfg'] == theirs['paramwise_cfg']
+    assert ds == ddp
 
 
 @pytest.mark.parametrize('arch', ['base-fl', 'huge-fl'])
@@ -268,12 +340,15 @@ def test_strategies_adapted_to_cpu_processes(monkeypatch):
             device_ids=None))
     cfg, notes = adapt(strategy=dict(type='DDPStrategy', sync_bn='torch'))
     assert cfg.strategy.sync_bn is None
-    with pytest.raises(ConfigError, match='^strategy ColossalAIStrategy '
-                       'needs CUDA and this machine has none'):
+    with pytest.raises(
+            ConfigError,
+            match='^strategy ColossalAIStrategy '
+            'needs CUDA and this machine has none'):
         adapt(strategy=dict(type='ColossalAIStrategy'))
     with pytest.raises(ConfigError, match='cpu_offload moves parameters'):
-        adapt(strategy=dict(
-            type='FSDPStrategy', model_wrapper=dict(cpu_offload=True)))
+        adapt(
+            strategy=dict(
+                type='FSDPStrategy', model_wrapper=dict(cpu_offload=True)))
     # one process: nothing to adapt (the strategy refuses to start, below)
     cfg = Config(dict(launcher='none', strategy=dict(type='FSDPStrategy')))
     dist.adapt_config_to_device(cfg)
@@ -282,9 +357,8 @@ def test_strategies_adapted_to_cpu_processes(monkeypatch):
 
 def test_sharding_strategy_without_a_launcher_is_one_line(call, tmp_path):
     config = tmp_path / 'fsdp_config.py'
-    config.write_text(
-        f'_base_ = [{BASE_CONFIG!r}]\n'
-        "strategy = dict(type='davit_ext.FSDPStrategy')\n")
+    config.write_text(f'_base_ = [{BASE_CONFIG!r}]\n'
+                      "strategy = dict(type='davit_ext.FSDPStrategy')\n")
     code, _, err = call('train', str(config), '--work-dir',
                         str(tmp_path / 'w'))
     assert code == 2

@@ -10,6 +10,6 @@ runner_type = 'FlexibleRunner'
 strategy = dict(
     type='davit_ext.FSDPStrategy',
     model_wrapper=dict(
-        auto_wrap_policy=dict(type='davit_ext.davit_wrap_policy',
-                              wrap='block')),
+        auto_wrap_policy=dict(
+            type='davit_ext.davit_wrap_policy', wrap='block')),
     state_dict_cfg='full')

@@ -17,8 +17,8 @@ strategy = dict(
     # One FSDP unit per DaViT block: at most one block's weights are whole at
     # a time (wrap='stage': fewer, larger units).
     model_wrapper=dict(
-        auto_wrap_policy=dict(type='davit_ext.davit_wrap_policy',
-                              wrap='block')),
+        auto_wrap_policy=dict(
+            type='davit_ext.davit_wrap_policy', wrap='block')),
     # Checkpoints gathered on rank 0 as one file, the same a DDP run saves:
     # tools/test.py, load_from and the unsharded configs read it.
     state_dict_cfg='full')

@@ -148,11 +148,12 @@ def _strategy_to_cpu(cfg) -> List[str]:
         wrapper['device_id'] = 'cpu'
         strategy['model_wrapper'] = wrapper
         notes.append("strategy.model_wrapper.device_id: 'cpu' (CPU FSDP)")
-    elif name not in ('SingleDeviceStrategy', ):
+    elif name not in ('SingleDeviceStrategy', 'DeepSpeedStrategy'):
+        # DeepSpeed picks its CPU accelerator (gloo) by itself.
         raise ConfigError(
             f'strategy {name} needs CUDA and this machine has none: on CPU '
-            'processes use FSDPStrategy or DDPStrategy (see '
-            'docs/large_models.md).')
+            'processes use davit_ext.FSDPStrategy, DeepSpeedStrategy or '
+            'DDPStrategy (see docs/large_models.md).')
     return notes
 
 
