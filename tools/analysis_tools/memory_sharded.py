@@ -41,17 +41,20 @@ GIB = 1024**3
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--arch', default='huge-fl',
-                        choices=['base-fl', 'huge-fl'])
-    parser.add_argument('--procs', type=int, default=2,
-                        help='FSDP processes (default 2)')
-    parser.add_argument('--size', type=int, default=64,
-                        help='input side in pixels (default 64)')
-    parser.add_argument('--batch', type=int, default=2,
-                        help='images per process (default 2)')
+    parser.add_argument(
+        '--arch', default='huge-fl', choices=['base-fl', 'huge-fl'])
+    parser.add_argument(
+        '--procs', type=int, default=2, help='FSDP processes (default 2)')
+    parser.add_argument(
+        '--size',
+        type=int,
+        default=64,
+        help='input side in pixels (default 64)')
+    parser.add_argument(
+        '--batch', type=int, default=2, help='images per process (default 2)')
     parser.add_argument('--wrap', default='block', choices=['block', 'stage'])
-    parser.add_argument('--worker', choices=['plain', 'fsdp'],
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        '--worker', choices=['plain', 'fsdp'], help=argparse.SUPPRESS)
     parser.add_argument('--out', help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
