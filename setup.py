@@ -143,6 +143,9 @@ setup(
         # install it first with tools/install_mmcv.sh.
         'det': ['mmdet==3.3.0', 'pycocotools', 'shapely', 'terminaltables'],
         'seg': ['mmsegmentation==1.2.2', 'ftfy', 'regex', 'prettytable'],
+        # DeepSpeedStrategy configs (docs/large_models.md). mmengine 0.10.7
+        # imports deepspeed.runtime.fp16.onebit, gone from deepspeed 0.19.7.
+        'deepspeed': ['deepspeed>=0.13.2,<0.19.7'],
     },
     classifiers=[
         'Programming Language :: Python :: 3',

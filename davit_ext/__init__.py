@@ -17,7 +17,7 @@ _register_mmpretrain(init_default_scope=False)
 
 from . import engine  # noqa: F401  (registers hooks, optim wrapper)
 from . import models  # noqa: F401  (registers DaViT)
-from .engine import (CPUAmpOptimWrapper, FitLoadFromHook,
+from .engine import (CPUAmpOptimWrapper, FitLoadFromHook, FSDPStrategy,
                      LayerDecayOptimWrapperConstructor, RandomStateHook)
 from .models import DaViT
 from .registry import MODELS
@@ -31,5 +31,6 @@ install_unless_disabled()
 # back to importing the dotted name.
 __all__ = [
     '__version__', 'DaViT', 'CPUAmpOptimWrapper', 'FitLoadFromHook',
-    'LayerDecayOptimWrapperConstructor', 'RandomStateHook', 'MODELS', 'models'
+    'FSDPStrategy', 'LayerDecayOptimWrapperConstructor', 'RandomStateHook',
+    'MODELS', 'models'
 ]

@@ -11,6 +11,7 @@ exports ``DaViT``), since its scoped lookup searches only the root's direct
 children and this node is a grandchild.
 """
 from mmengine.registry import Registry
+from mmengine.registry import root as _root
 from mmpretrain import registry as _mmpretrain
 
 __all__ = [
@@ -18,7 +19,8 @@ __all__ = [
     'OPTIMIZERS', 'OPTIM_WRAPPERS', 'OPTIM_WRAPPER_CONSTRUCTORS',
     'PARAM_SCHEDULERS', 'DATASETS', 'DATA_SAMPLERS', 'TRANSFORMS', 'MODELS',
     'MODEL_WRAPPERS', 'WEIGHT_INITIALIZERS', 'BATCH_AUGMENTS', 'TASK_UTILS',
-    'METRICS', 'EVALUATORS', 'VISUALIZERS', 'VISBACKENDS', 'TOKENIZER'
+    'METRICS', 'EVALUATORS', 'VISUALIZERS', 'VISBACKENDS', 'TOKENIZER',
+    'FUNCTIONS'
 ]
 
 SCOPE = 'davit_ext'
@@ -56,3 +58,12 @@ EVALUATORS = _child('EVALUATORS')
 VISUALIZERS = _child('VISUALIZERS')
 VISBACKENDS = _child('VISBACKENDS')
 TOKENIZER = _child('TOKENIZER')
+
+# mmpretrain has no function registry: ours is a child of mmengine's root
+# one. It holds what configs name as functions (the FSDP wrap policy), and
+# lets mmengine's FSDP wrapper find a ``davit_ext`` scope there.
+FUNCTIONS = Registry(
+    'function',
+    parent=_root.FUNCTIONS,
+    scope=SCOPE,
+    locations=['davit_ext.engine'])

@@ -129,6 +129,7 @@ def _test(args):
     if args.out is not None:
         checks.check_output_file(args.out, args.out_item)  # not after a test
     cfg = merge_args(load_config(args.config), args)
+    checks.check_strategy(cfg, 'test')
     for note in dist.adapt_config_to_device(cfg):
         # Distributed runs say what changed (SyncBN -> BN changes the
         # statistics); a single process only switches backends it never uses.

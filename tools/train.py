@@ -109,6 +109,7 @@ def _train(args):
     from davit_ext.errors import ConfigError, NothingToResume
 
     cfg = merge_args(load_config(args.config), args)
+    checks.check_strategy(cfg, 'train')
     for note in dist.adapt_config_to_device(cfg):
         # Distributed runs say what changed (SyncBN -> BN changes the
         # statistics); a single process only switches backends it never uses.
@@ -119,7 +120,8 @@ def _train(args):
         loaders.append('val_dataloader')
     checks.check_datasets(cfg, loaders)
     checks.check_dataloaders(cfg, loaders)
-    checks.check_checkpoint_exists(cfg.get('load_from'))
+    checks.check_checkpoint_exists(
+        cfg.get('load_from'), folder=checks.saves_checkpoint_folders(cfg))
     if not cfg.get('resume'):
         checks.check_checkpoint_exists(checks.backbone_init_checkpoint(cfg))
     dist.init_distributed(cfg.launcher, cfg.env_cfg.get('dist_cfg', {}))

@@ -25,10 +25,18 @@ def run_tool(main: Callable[[], Any]) -> Any:
 
 
 def build_runner(cfg: Any, guard: Any) -> Any:
-    """The runner of ``cfg`` (``runner_type`` if given), with ``guard``'s
-    started-hook registered."""
+    """The runner of ``cfg``, with ``guard``'s started-hook registered.
+
+    mmengine's ``Runner``, or the ``runner_type`` the config names; a config
+    with a ``strategy`` (FSDP, DeepSpeed, ...) gets mmengine's
+    ``FlexibleRunner``, the runner that takes one.
+    """
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
+
+    from .dist import uses_flexible_runner
+    if uses_flexible_runner(cfg) and 'runner_type' not in cfg:
+        cfg.runner_type = 'FlexibleRunner'
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else \
         RUNNERS.build(cfg)
     runner.register_hook(guard.hook(), priority='HIGHEST')

@@ -14,14 +14,16 @@ import os.path as osp
 import re
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
-from davit_ext.errors import ConfigError, DatasetNotFoundError
+from davit_ext.errors import (CheckpointNotFoundError, ConfigError,
+                              DatasetNotFoundError)
 from davit_ext.weights.safe_load import check_checkpoint_file
 from .config import _clean
 
 __all__ = [
     'check_datasets', 'check_dataloaders', 'check_output_file',
     'describe_build_error', 'check_checkpoint_exists',
-    'backbone_init_checkpoint', 'DATASET_PREPARE_URL'
+    'backbone_init_checkpoint', 'check_strategy', 'saves_checkpoint_folders',
+    'DATASET_PREPARE_URL'
 ]
 
 DATASET_PREPARE_URL = ('https://mmpretrain.readthedocs.io/en/latest/'
@@ -245,11 +247,31 @@ def check_output_file(path: str, item: Optional[str]) -> None:
                           'writable; choose another path.')
 
 
-def check_checkpoint_exists(path: Optional[str]) -> None:
+def check_checkpoint_exists(path: Optional[str], folder: bool = False) -> None:
     """A local checkpoint path names a file (cheap: the run reads it once
-    later; URLs and ``scheme://`` names are left to the loaders)."""
-    if path and '://' not in str(path):
-        check_checkpoint_file(str(path))
+    later; URLs and ``scheme://`` names are left to the loaders).
+
+    ``folder``: the strategy saves checkpoints as folders (DeepSpeed): the
+    path must exist.
+    """
+    if not path or '://' in str(path):
+        return
+    if folder:
+        if not osp.exists(str(path)):
+            raise CheckpointNotFoundError(
+                f'checkpoint {path} does not exist: give the epoch_N.pth / '
+                f'iter_N.pth folder the run saved (or --resume alone for the '
+                f'latest).')
+        return
+    check_checkpoint_file(str(path))
+
+
+def saves_checkpoint_folders(cfg: Any) -> bool:
+    """Whether the config's strategy saves a checkpoint as a folder (mmengine's
+    DeepSpeedStrategy: DeepSpeed's files, one per rank)."""
+    from .dist import strategy_name, uses_flexible_runner
+    return uses_flexible_runner(cfg) and \
+        strategy_name(cfg) == 'DeepSpeedStrategy'
 
 
 def backbone_init_checkpoint(cfg: Any) -> Optional[str]:
@@ -260,3 +282,28 @@ def backbone_init_checkpoint(cfg: Any) -> Optional[str]:
     if isinstance(init, dict) and init.get('type') == 'Pretrained':
         return init.get('checkpoint')
     return None
+
+
+#: FlexibleRunner strategies that shard the model across processes: they
+#: need the process group of a distributed launch.
+SHARDING_STRATEGIES = ('FSDPStrategy', 'DeepSpeedStrategy',
+                       'ColossalAIStrategy')
+
+
+def check_strategy(cfg: Any, tool: str = 'train') -> None:
+    """A sharding strategy (``FSDPStrategy``, ...) is started by a launcher.
+
+    Without one, mmengine starts no process group and FSDP stops deep in its
+    set-up; one process under torchrun works (nothing is sharded).
+    """
+    from .dist import strategy_name, uses_flexible_runner
+    if not uses_flexible_runner(cfg) or cfg.get('launcher', 'none') != 'none':
+        return
+    name = strategy_name(cfg)
+    if name in SHARDING_STRATEGIES:
+        raise ConfigError(
+            f'{osp.basename(cfg.filename or "the config")} runs with '
+            f'{name}, which shards the model across distributed processes: '
+            f'start it with bash tools/dist_{tool}.sh CONFIG '
+            f'{"CHECKPOINT " if tool == "test" else ""}N (N processes; N=1 '
+            f'runs one unsharded process).')

@@ -19,7 +19,8 @@ import torch.distributed as torch_dist
 from davit_ext.errors import LauncherError
 
 __all__ = [
-    'has_cuda', 'adapt_config_to_device', 'init_distributed', 'process_rank'
+    'has_cuda', 'adapt_config_to_device', 'init_distributed', 'process_rank',
+    'uses_flexible_runner', 'strategy_name'
 ]
 
 #: Model wrappers that take DDP's ``device_ids`` argument.
@@ -63,7 +64,13 @@ def adapt_config_to_device(cfg) -> List[str]:
         notes.append(f'env_cfg.dist_cfg.backend: '
                      f"{dist_cfg.get('backend', 'nccl')!r} -> 'gloo'")
         dist_cfg['backend'] = 'gloo'
-    if cfg.get('launcher', 'none') != 'none':
+    if cfg.get('launcher', 'none') != 'none' and uses_flexible_runner(cfg):
+        notes += _strategy_to_cpu(cfg)
+        synced = _sync_bn_to_bn(cfg.get('model'), 'model')
+        if synced:
+            notes.append(f"{', '.join(synced)}: 'SyncBN' -> 'BN' (statistics "
+                         'per process: SyncBatchNorm needs a GPU)')
+    elif cfg.get('launcher', 'none') != 'none':
         wrapper = cfg.get('model_wrapper_cfg')
         if wrapper is None:
             wrapper = dict(
@@ -83,6 +90,70 @@ def adapt_config_to_device(cfg) -> List[str]:
         loader = cfg.get(key)
         if loader and loader.get('pin_memory'):
             loader['pin_memory'] = False
+    return notes
+
+
+def uses_flexible_runner(cfg) -> bool:
+    """Whether ``cfg`` runs with mmengine's ``FlexibleRunner`` (it names it as
+    ``runner_type`` or sets a ``strategy``, which only that runner takes)."""
+    return cfg.get('runner_type') == 'FlexibleRunner' or \
+        cfg.get('strategy') is not None
+
+
+def strategy_name(cfg) -> str:
+    """The class name of the FlexibleRunner's strategy, without a scope (its
+    default for distributed runs is ``DDPStrategy``)."""
+    strategy = cfg.get('strategy') or {}
+    kind = strategy.get(
+        'type', 'DDPStrategy'
+        if cfg.get('launcher', 'none') != 'none' else 'SingleDeviceStrategy')
+    name = kind if isinstance(kind, str) else kind.__name__
+    return name.rsplit('.', 1)[-1]
+
+
+def _strategy_to_cpu(cfg) -> List[str]:
+    """A FlexibleRunner strategy for CPU processes (distributed runs).
+
+    mmengine's DDPStrategy and FSDPStrategy give the wrapper the CUDA device
+    ``LOCAL_RANK`` (``device_ids``/``device_id``), whatever the backend: here
+    the wrapper gets the CPU instead, and a strategy's ``sync_bn`` is dropped
+    (SyncBatchNorm needs a GPU).
+    """
+    from davit_ext.errors import ConfigError
+    name = strategy_name(cfg)
+    if cfg.get('strategy') is None:
+        cfg.strategy = dict(type='DDPStrategy')
+    strategy = cfg.strategy
+    notes = []
+    if strategy.get('sync_bn') is not None:
+        notes.append(f"strategy.sync_bn: {strategy['sync_bn']!r} -> None "
+                     '(statistics per process: SyncBatchNorm needs a GPU)')
+        strategy['sync_bn'] = None
+    if name == 'DDPStrategy':
+        wrapper = strategy.get('model_wrapper') or dict(
+            type='MMDistributedDataParallel', broadcast_buffers=False)
+        wrapper['device_ids'] = None
+        strategy['model_wrapper'] = wrapper
+        notes.append('strategy.model_wrapper.device_ids: None (CPU DDP)')
+    elif name == 'FSDPStrategy':
+        wrapper = strategy.get('model_wrapper') or dict(
+            type='MMFullyShardedDataParallel')
+        if wrapper.get('cpu_offload'):
+            raise ConfigError(
+                'strategy.model_wrapper.cpu_offload moves parameters from the '
+                'GPU to the CPU and this machine has no CUDA: remove it (or '
+                '--cfg-options strategy.model_wrapper.cpu_offload=None).')
+        # FSDP's device_id names the compute device; mmengine passes the
+        # CUDA index LOCAL_RANK.
+        wrapper['device_id'] = 'cpu'
+        strategy['model_wrapper'] = wrapper
+        notes.append("strategy.model_wrapper.device_id: 'cpu' (CPU FSDP)")
+    elif name not in ('SingleDeviceStrategy', 'DeepSpeedStrategy'):
+        # DeepSpeed picks its CPU accelerator (gloo) by itself.
+        raise ConfigError(
+            f'strategy {name} needs CUDA and this machine has none: on CPU '
+            'processes use davit_ext.FSDPStrategy, DeepSpeedStrategy or '
+            'DDPStrategy (see docs/large_models.md).')
     return notes
 
 

@@ -171,17 +171,17 @@ class FitLoadFromHook(Hook):
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         from mmengine.runner import BaseLoop
-        model = runner.model
-        if hasattr(model, 'module') and isinstance(model.module,
-                                                   torch.nn.Module):
-            model = model.module
+        model = _fit_view(runner)
         source = str(getattr(runner, '_load_from', None) or 'the checkpoint')
         name = f'the model of {_config_name(runner)}'
         if getattr(runner, '_resume', False):
             _check_training_state(checkpoint, source)
-            fit_pretrained(model, checkpoint, source, name, strict=True)
+            if model is not None:
+                fit_pretrained(model, checkpoint, source, name, strict=True)
             _check_work_left(runner, checkpoint, source)
             return
+        if model is None:
+            return  # one rank's shard: its keys are FSDP's, not the model's
         if not isinstance(getattr(runner, '_train_loop', None), BaseLoop):
             fit_pretrained(model, checkpoint, source, name, strict=True)
             return
@@ -197,6 +197,38 @@ class FitLoadFromHook(Hook):
             state_dict[names.get(key, key)] = own[key].detach().clone()
         for key in fit.ignored:
             del state_dict[names[key]]
+
+
+class _StateDictView:
+    """What the fit policy reads of a model (``state_dict()``), for a model
+    whose own ``state_dict()`` would be sharded."""
+
+    def __init__(self, state_dict: dict) -> None:
+        self._state_dict = state_dict
+
+    def state_dict(self) -> dict:
+        return self._state_dict
+
+
+def _fit_view(runner) -> Any:
+    """The model as the fit policy compares it with a checkpoint; None where
+    the checkpoint is one rank's shard (FSDP's ``state_dict_cfg='local'``).
+
+    Under FSDP (mmengine's FSDPStrategy) the parameters are sharded: the full
+    state dict is gathered on every rank (all ranks load the checkpoint, so all
+    ranks are here).
+    """
+    from davit_ext.engine.fsdp import full_state_dict, is_fsdp
+    model = runner.model
+    if is_fsdp(model):
+        strategy = getattr(runner, 'strategy', None)
+        is_full = getattr(strategy, '_is_full_state_dict', lambda: True)
+        if not is_full():
+            return None
+        return _StateDictView(full_state_dict(model))
+    if hasattr(model, 'module') and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
 
 
 def _config_name(runner) -> str:

@@ -328,7 +328,8 @@ class DaViTBlock(nn.Module):
     """A spatial (window) attention block followed by a channel one.
 
     ``channel_attn_v2`` selects Florence-2's channel attention (see
-    :class:`ChannelAttention`).
+    :class:`ChannelAttention`). ``with_cp``: gradient checkpointing of each
+    half (spatial, channel) when training.
     """
 
     def __init__(self,
@@ -339,8 +340,10 @@ class DaViTBlock(nn.Module):
                  qkv_bias: bool = True,
                  drop_path: float = 0.,
                  pad_small_map: bool = True,
-                 channel_attn_v2: bool = False) -> None:
+                 channel_attn_v2: bool = False,
+                 with_cp: bool = False) -> None:
         super().__init__()
+        self.with_cp = with_cp
         self.spatial_block = AttentionBlock(
             WindowAttention(embed_dims, num_heads, window_size, qkv_bias,
                             pad_small_map), embed_dims, ffn_ratio, drop_path)
@@ -349,6 +352,14 @@ class DaViTBlock(nn.Module):
             embed_dims, ffn_ratio, drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.with_cp and self.training and torch.is_grad_enabled():
+            # Each half on its own: backward recomputes half a block at a
+            # time, which keeps less memory live. Inside the block's forward,
+            # so that a wrapper of the block (an FSDP unit) has gathered its
+            # parameters for the forward and for the recomputation.
+            for half in (self.spatial_block, self.channel_block):
+                x = checkpoint.checkpoint(half, x, use_reentrant=False)
+            return x
         return self.channel_block(self.spatial_block(x))
 
 
@@ -493,16 +504,25 @@ class DaViTStage(nn.Module):
                  channel_attn_v2: bool = False) -> None:
         super().__init__()
         drop_paths = list(drop_paths) or [0.] * depth
-        self.with_cp = with_cp
         self.blocks = nn.ModuleList(
             DaViTBlock(embed_dims, num_heads, window_size, ffn_ratio, qkv_bias,
-                       drop_paths[i], pad_small_map, channel_attn_v2)
+                       drop_paths[i], pad_small_map, channel_attn_v2, with_cp)
             for i in range(depth))
         self.downsample = None
         if downsample:
             self.downsample = Downsample(embed_dims, 2 * embed_dims,
                                          downsample_kernel_size)
         self.out_channels = 2 * embed_dims if downsample else embed_dims
+
+    @property
+    def with_cp(self) -> bool:
+        """Gradient checkpointing of the blocks (each block does its own)."""
+        return any(block.with_cp for block in self.blocks)
+
+    @with_cp.setter
+    def with_cp(self, value: bool) -> None:
+        for block in self.blocks:
+            block.with_cp = value
 
     def forward(self,
                 x: Tensor,
@@ -515,15 +535,8 @@ class DaViTStage(nn.Module):
         (FSDP's ``fully_shard``, activation checkpointing) see every use of its
         parameters inside its ``forward``.
         """
-        use_cp = self.with_cp and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            if use_cp:
-                # Each half of the block on its own: backward recomputes
-                # half a block at a time, which keeps less memory live.
-                for half in (block.spatial_block, block.channel_block):
-                    x = checkpoint.checkpoint(half, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = block(x)  # with_cp: the block checkpoints its halves
         if downsample and self.downsample is not None:
             return x, self.downsample(x)
         return x, None
