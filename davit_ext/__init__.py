@@ -18,7 +18,10 @@ _register_mmpretrain(init_default_scope=False)
 from . import engine  # noqa: F401  (registers hooks, optim wrapper)
 from . import models  # noqa: F401  (registers DaViT)
 from .engine import (CPUAmpOptimWrapper, FitLoadFromHook,
-                     LayerDecayOptimWrapperConstructor, RandomStateHook)
+                     LayerDecayOptimWrapperConstructor, NonFiniteLossHook,
+                     PreemptionHook, RandomStateHook,
+                     ResumableEpochBasedTrainLoop, SafeCheckpointHook,
+                     UnreadableImageHook)
 from .models import DaViT
 from .registry import MODELS
 from .side_effects import install_unless_disabled
@@ -31,5 +34,7 @@ install_unless_disabled()
 # back to importing the dotted name.
 __all__ = [
     '__version__', 'DaViT', 'CPUAmpOptimWrapper', 'FitLoadFromHook',
-    'LayerDecayOptimWrapperConstructor', 'RandomStateHook', 'MODELS', 'models'
+    'LayerDecayOptimWrapperConstructor', 'RandomStateHook', 'MODELS', 'models',
+    'NonFiniteLossHook', 'PreemptionHook', 'ResumableEpochBasedTrainLoop',
+    'SafeCheckpointHook', 'UnreadableImageHook'
 ]
