@@ -54,6 +54,10 @@ def atomic_write(data: bytes, path: str) -> None:
         prefix=f'.{osp.basename(path)}.', suffix='.tmp', dir=folder)
     written = 0
     try:
+        # mkstemp makes the file private; give it the mode open() would
+        mask = os.umask(0)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)
         view = memoryview(data)
         while written < len(view):
             written += os.write(fd, view[written:written + (64 << 20)])
@@ -171,7 +175,10 @@ class SafeCheckpointHook(CheckpointHook):
                   keep_step: Optional[int] = None) -> str:
         """Save the runner's state as ``out_dir/name`` (all ranks call it);
         returns the path. On success ``last_checkpoint`` names it."""
-        check_finite_weights(runner, f'checkpoint {name} was not written')
+        where = (f'end of epoch {runner.epoch + 1}, iteration {runner.iter}'
+                 if by_epoch else describe_position(runner))
+        check_finite_weights(runner, f'checkpoint {name} was not written',
+                             where)
         path = self.file_backend.join_path(self.out_dir, name)
         hub = runner.message_hub
         before = dict(
@@ -206,7 +213,7 @@ class SafeCheckpointHook(CheckpointHook):
             if runner.rank == 0:
                 self._write_pointer(runner, path)
         except Exception as err:  # any failure: every rank must hear of it
-            message = self._failure(runner, path, err)
+            message = self._failure(runner, path, err, where)
         code, message = agree(1 if message else 0, message)
         if code:
             if hasattr(self, 'keep_ckpt_ids'):
@@ -248,7 +255,8 @@ class SafeCheckpointHook(CheckpointHook):
                     and osp.abspath(path) != osp.abspath(keep):
                 os.remove(path)
 
-    def _failure(self, runner, path: str, err: BaseException) -> str:
+    def _failure(self, runner, path: str, err: BaseException,
+                 where: str) -> str:
         pointer = osp.join(runner.work_dir, 'last_checkpoint')
         previous = None
         if osp.isfile(pointer):
@@ -263,12 +271,12 @@ class SafeCheckpointHook(CheckpointHook):
         if not self.atomic:
             kept = (f'{path} may be partial (backend_args '
                     f'{self.backend_args} writes in place).')
-        return (f'cannot save checkpoint {path} '
-                f'({describe_position(runner)}): '
+        return (f'cannot save checkpoint {path} ({where}): '
                 f'{describe_save_error(err, path)}. {kept}')
 
 
-def check_finite_weights(runner, what: str) -> None:
+def check_finite_weights(runner, what: str,
+                         where: Optional[str] = None) -> None:
     """Raise :class:`NonFiniteLossError` on every rank if the model holds a
     NaN or infinite parameter or buffer (on any rank)."""
     model = runner.model
@@ -282,7 +290,8 @@ def check_finite_weights(runner, what: str) -> None:
     if bad:
         shown = ', '.join(bad[:5]) + (' ...' if len(bad) > 5 else '')
         message = (f'the model\'s weights are not finite '
-                   f'({describe_position(runner)}: {len(bad)} tensor(s), '
+                   f'({where or describe_position(runner)}: {len(bad)} '
+                   f'tensor(s), '
                    f'e.g. {shown}): {what}, so the last good checkpoint '
                    f'stays the latest. The loss of that iteration was finite '
                    f'but its update was not: lower the learning rate, or '

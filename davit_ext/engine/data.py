@@ -22,8 +22,8 @@ from davit_ext.registry import TRANSFORMS
 
 __all__ = ['LoadImageFromFile', 'configure_loaders', 'scan_dataset']
 
-HELP = ('find them all with tools/analysis_tools/check_dataset.py CONFIG (or '
-        'tools/train.py --check-data)')
+HELP = ('tools/analysis_tools/check_dataset.py CONFIG lists every unreadable '
+        'one')
 
 
 def why_unreadable(err: BaseException) -> str:

@@ -218,7 +218,7 @@ class NonFiniteLossHook(Hook):
         if bad:
             last = _last_checkpoint(runner)
             saved = (f'the last checkpoint, {last}, is from before it'
-                     if last else 'no checkpoint was saved')
+                     if last else 'this run has no checkpoint yet')
             message = (
                 f'non-finite loss at {describe_position(runner)}: {terms} '
                 f'(not finite: {", ".join(bad)}). Training stopped and this '
