@@ -153,12 +153,25 @@ def _train(args):
         check_data(cfg, loaders, skip=args.skip_unreadable)
     try:
         with WorkDirGuard(cfg) as guard:
-            build_runner(cfg, guard).train()
+            runner = build_runner(cfg, guard)
+            try:
+                runner.train()
+            finally:
+                _restore_signal_handlers(runner)
     except NothingToResume as done:
         if not args.resume_finished_ok:
             raise ConfigError(f'{done}; with --resume-finished-ok this exits '
                               'with status 0 instead.') from None
         print(f'{done}. Nothing was done.', file=sys.stderr, flush=True)
+
+
+def _restore_signal_handlers(runner):
+    """A run that stopped on an exception did not reach the hooks'
+    after_train: put back the signal handlers PreemptionHook set."""
+    for hook in runner.hooks:
+        restore = getattr(hook, 'restore_handlers', None)
+        if callable(restore):
+            restore()
 
 
 if __name__ == '__main__':

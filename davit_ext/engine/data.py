@@ -46,7 +46,7 @@ class LoadImageFromFile(_MMCVLoadImageFromFile):
     """
     skip_unreadable = False
     counts: Optional[torch.Tensor] = None
-    where = 'the dataset'
+    where = 'dataset'
 
     def transform(self, results: dict) -> Optional[dict]:
         try:
@@ -97,7 +97,7 @@ def _loaders(dataset: Any) -> List[LoadImageFromFile]:
 def configure_loaders(dataset: Any,
                       skip: bool,
                       counts: Optional[torch.Tensor],
-                      where: str = 'the dataset') -> int:
+                      where: str = 'dataset') -> int:
     """Set the skip option on every davit_ext ``LoadImageFromFile`` of
     ``dataset`` (through wrappers); returns how many there are."""
     found = 0

@@ -216,6 +216,8 @@ class NonFiniteLossHook(Hook):
             return
         message = None
         if bad:
+            rank, world_size = get_dist_info()
+            terms += f' on rank {rank}' if world_size > 1 else ''
             last = _last_checkpoint(runner)
             saved = (f'the last checkpoint, {last}, is from before it'
                      if last else 'this run has no checkpoint yet')
@@ -294,6 +296,11 @@ class PreemptionHook(Hook):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def after_train(self, runner) -> None:
+        self.restore_handlers()
+
+    def restore_handlers(self) -> None:
+        """Put the previous signal handlers back (``after_train`` does; a run
+        that stops on an exception skips it, so the tools call this too)."""
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
@@ -310,6 +317,7 @@ class PreemptionHook(Hook):
         code, name = agree(1 if name else 0, name)
         if not code:
             return
+        self.restore_handlers()
         self._save_and_stop(runner, batch_idx, name)
 
     def _save_and_stop(self, runner, batch_idx: int, name: str) -> None:
