@@ -24,8 +24,14 @@ def main(argv=None):
             if name.startswith('torch.distributed.elastic'):
                 logging.getLogger(name).setLevel(logging.CRITICAL)
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     try:
         torchrun(sys.argv[1:] if argv is None else argv)
+    except SignalException as err:
+        # torchrun has passed the signal on to the workers and waited for
+        # them (up to 30 s): they said what they did (a davit_ext training
+        # saves a checkpoint and stops). Status 128 + signal, as for a shell.
+        raise SystemExit(128 + int(err.sigval)) from None
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         code = failure.exitcode
