@@ -484,7 +484,3 @@ def test_dist_faults_on_one_rank_stop_both_with_one_message(
     assert _pointer(work) == osp.join(work, 'epoch_1.pth')
     assert not osp.exists(osp.join(work, 'epoch_2.pth'))
 
-
-def test_slurm_script_documents_requeue():
-    text = open(osp.join(ROOT, 'tools', 'slurm_train.sh')).read()
-    assert '--requeue' in text and '--signal' in text
