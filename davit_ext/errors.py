@@ -13,9 +13,9 @@ __all__ = [
     'CheckpointDownloadError', 'CheckpointMismatchError',
     'CheckpointStateError', 'UnsupportedTorchError', 'UnknownSchemeError',
     'UnknownLayoutError', 'UnmappedKeysError', 'ConfigError',
-    'DatasetNotFoundError', 'LauncherError', 'NothingToResume', 'TrainingFault',
-    'NonFiniteLossError', 'UnreadableImageError', 'CheckpointSaveError',
-    'Preempted', 'USER_ERRORS', 'FAULT_STATUSES'
+    'DatasetNotFoundError', 'LauncherError', 'NothingToResume',
+    'TrainingFault', 'NonFiniteLossError', 'UnreadableImageError',
+    'CheckpointSaveError', 'Preempted', 'USER_ERRORS', 'FAULT_STATUSES'
 ]
 
 # ------------------------------------------------------------- checkpoints
@@ -108,12 +108,12 @@ class NothingToResume(ConfigError):
 
 
 class TrainingFault(RuntimeError):
-    """A run stopped on purpose; the message says what happened and what to
-    do. The tools print it as one line and exit with :attr:`exit_status`.
+    """A run stopped on purpose; the message says what happened and what to do.
+    The tools print it as one line and exit with :attr:`exit_status`.
 
-    Takes one message argument only: torch's DataLoader re-raises an error of
-    a worker process as ``type(err)(text)``, with the worker's traceback in
-    the text; the original message is recovered from it.
+    Takes one message argument only: torch's DataLoader re-raises an error of a
+    worker process as ``type(err)(text)``, with the worker's traceback in the
+    text; the original message is recovered from it.
     """
     exit_status = 1
     #: What the tools print before the message.

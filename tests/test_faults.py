@@ -1,14 +1,14 @@
 """Training through the faults of real runs, with tools/train.py on tiny data:
-a non-finite loss, unreadable images, SIGTERM/SIGUSR1 (preemption) and a
-failed checkpoint save, on one process and on 2 CPU processes (gloo).
+a non-finite loss, unreadable images, SIGTERM/SIGUSR1 (preemption) and a failed
+checkpoint save, on one process and on 2 CPU processes (gloo).
 
-Faults are made real and deterministic by a probe hook imported by the
-training process (``custom_imports``): it sends the real signal to its own
-process after a given iteration, multiplies the head's output by NaN in given
-iterations, or lowers the process's file-size limit before a checkpoint is
-written (the write then fails midway with EFBIG, as from the OS). Single-
-process runs go through tools/train.py's main() in this process (the ``call``
-fixture), the distributed ones through tools/dist_train.sh.
+Faults are made real and deterministic by a probe hook imported by the training
+process (``custom_imports``): it sends the real signal to its own process after
+a given iteration, multiplies the head's output by NaN in given iterations, or
+lowers the process's file-size limit before a checkpoint is written (the write
+then fails midway with EFBIG, as from the OS). Single- process runs go through
+tools/train.py's main() in this process (the ``call`` fixture), the distributed
+ones through tools/dist_train.sh.
 """
 import errno
 import os
@@ -78,9 +78,9 @@ class DavitExtTestFaultProbe(Hook):
 
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
-    """Digits 3 against 8 (8 training, 20 held-out images per class, 32x32),
-    a copy with one truncated training image and one with a val file that is
-    not an image, the tiny config of test_tools and a probe config."""
+    """Digits 3 against 8 (8 training, 20 held-out images per class, 32x32), a
+    copy with one truncated training image and one with a val file that is not
+    an image, the tiny config of test_tools and a probe config."""
     made = make_tiny(tmp_path_factory.mktemp('faults'))
     root = made.root
     bad = root / 'data_bad'
@@ -144,8 +144,7 @@ def straight(tiny, tmp_path_factory):
     old = os.environ.get('LOCAL_RANK')
     os.environ['LOCAL_RANK'] = '0'
     try:
-        _tool('train').main(
-            [tiny.config, '--work-dir', work, '--no-validate'])
+        _tool('train').main([tiny.config, '--work-dir', work, '--no-validate'])
     except SystemExit as exc:  # pragma: no cover - shown by the assert
         assert exc.code == 0
     finally:
@@ -161,8 +160,9 @@ def straight(tiny, tmp_path_factory):
     ('SIGTERM', 6, 'epoch 2, batch 2/4'),
     ('SIGUSR1', 4, 'epoch 1, batch 4/4'),
 ])
-def test_signal_saves_a_checkpoint_and_resume_is_exact(
-        name, at, where, call, tiny, straight, probe_path):
+def test_signal_saves_a_checkpoint_and_resume_is_exact(name, at, where, call,
+                                                       tiny, straight,
+                                                       probe_path):
     work = str(tiny.root / f'preempt_{name}')
     handler = signal.getsignal(getattr(signal, name))
     code, out, err = call('train', tiny.probe, '--work-dir', work,
@@ -200,8 +200,8 @@ def test_signal_saves_a_checkpoint_and_resume_is_exact(
 
 
 def test_nonfinite_loss_stops_before_anything_is_saved(call, tiny, straight):
-    """A std of 0 from epoch 2 on: the resumed run stops at its first step
-    with one message; epoch_1.pth and last_checkpoint stay as they were."""
+    """A std of 0 from epoch 2 on: the resumed run stops at its first step with
+    one message; epoch_1.pth and last_checkpoint stay as they were."""
     work = tiny.root / 'nan'
     work.mkdir()
     shutil.copy(osp.join(straight, 'epoch_1.pth'), work)
@@ -229,8 +229,8 @@ def test_nonfinite_loss_stops_before_anything_is_saved(call, tiny, straight):
     assert (work / 'epoch_1.pth').read_bytes() == before
     assert _pointer(work) == str(work / 'epoch_1.pth')
     logs = [
-        open(osp.join(dp, f)).read() for dp, _, fs in os.walk(work)
-        for f in fs if f.endswith('.log')
+        open(osp.join(dp, f)).read() for dp, _, fs in os.walk(work) for f in fs
+        if f.endswith('.log')
     ]
     assert any('non-finite loss at iteration 5' in text for text in logs)
 
@@ -238,8 +238,8 @@ def test_nonfinite_loss_stops_before_anything_is_saved(call, tiny, straight):
 def test_skip_nonfinite_skips_and_counts_the_steps(call, tiny, probe_path):
     work = str(tiny.root / 'nan_skip')
     code, out, err = call('train', tiny.probe, '--work-dir', work,
-                          '--no-validate', '--skip-nonfinite',
-                          '--cfg-options', 'custom_hooks.0.nan_at=[2,5]')
+                          '--no-validate', '--skip-nonfinite', '--cfg-options',
+                          'custom_hooks.0.nan_at=[2,5]')
     assert code == 0, err[-3000:]
     log = out + err
     assert 'non-finite loss at iteration 2 (epoch 1, batch 2/4): loss=nan: ' \
@@ -262,10 +262,10 @@ def test_skip_nonfinite_skips_and_counts_the_steps(call, tiny, probe_path):
 
 def test_unreadable_training_image_is_one_line(call, tiny):
     work = tiny.root / 'img'
-    code, _, err = call('train', tiny.config, '--work-dir', str(work),
-                        '--no-validate', '--cfg-options',
-                        f'train_dataloader.dataset.data_root='
-                        f'{tiny.root / "data_bad"}')
+    code, _, err = call(
+        'train', tiny.config, '--work-dir', str(work), '--no-validate',
+        '--cfg-options', f'train_dataloader.dataset.data_root='
+        f'{tiny.root / "data_bad"}')
     assert code == 2
     assert _one_line(err) == (
         f'cannot read image {tiny.bad_image} (train_dataloader.dataset index '
@@ -278,11 +278,11 @@ def test_unreadable_training_image_is_one_line(call, tiny):
 
 def test_skip_unreadable_warns_and_counts(call, tiny):
     work = tiny.root / 'img_skip'
-    code, out, err = call('train', tiny.config, '--work-dir', str(work),
-                          '--no-validate', '--skip-unreadable',
-                          '--cfg-options', 'train_cfg.max_epochs=1',
-                          f'train_dataloader.dataset.data_root='
-                          f'{tiny.root / "data_bad"}')
+    code, out, err = call(
+        'train', tiny.config, '--work-dir', str(work), '--no-validate',
+        '--skip-unreadable', '--cfg-options', 'train_cfg.max_epochs=1',
+        f'train_dataloader.dataset.data_root='
+        f'{tiny.root / "data_bad"}')
     assert code == 0, err[-3000:]
     log = out + err
     assert (f'skipped unreadable image {tiny.bad_image} (train_dataloader.'
@@ -319,8 +319,8 @@ def test_check_data_before_training_and_the_check_tool(call, tiny):
 
 def test_test_tool_names_an_unreadable_image(call, tiny, straight):
     code, _, err = call(
-        'test', tiny.config, osp.join(straight, 'epoch_2.pth'),
-        '--work-dir', str(tiny.root / 'img_test'), '--cfg-options',
+        'test', tiny.config, osp.join(straight, 'epoch_2.pth'), '--work-dir',
+        str(tiny.root / 'img_test'), '--cfg-options',
         f'test_dataloader.dataset.data_root={tiny.root / "data_badval"}')
     assert code == 2
     assert _one_line(err).startswith(
@@ -448,8 +448,7 @@ def test_dist_sigterm_on_one_rank_stops_both_and_resume_is_exact(
         osp.join(straight, 'epoch_2.pth'), osp.join(work, 'epoch_2.pth'))
 
 
-def test_dist_faults_on_one_rank_stop_both_with_one_message(
-        tiny, probe_path):
+def test_dist_faults_on_one_rank_stop_both_with_one_message(tiny, probe_path):
     # a NaN loss on rank 1 only
     rc, log, err = _dist_train(tiny, str(tiny.root / 'dist_nan'),
                                '--cfg-options', 'custom_hooks.0.nan_at=[2]',
@@ -483,4 +482,3 @@ def test_dist_faults_on_one_rank_stop_both_with_one_message(
         'of epoch 2, iteration 4): the file is larger')
     assert _pointer(work) == osp.join(work, 'epoch_1.pth')
     assert not osp.exists(osp.join(work, 'epoch_2.pth'))
-

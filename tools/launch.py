@@ -4,8 +4,8 @@ Takes exactly ``python -m torch.distributed.run`` arguments. The difference is
 on failure: torchrun ends with its own traceback and failure table; this prints
 at most one line below the failing process's message and exits with that
 process's status. Status 2 (a davit_ext tool refusing its input) and the
-statuses of training faults (3, 74, 75: davit_ext.errors.FAULT_STATUSES),
-whose one-line message is already printed, add nothing.
+statuses of training faults (3, 74, 75: davit_ext.errors.FAULT_STATUSES), whose
+one-line message is already printed, add nothing.
 """
 import logging
 import os

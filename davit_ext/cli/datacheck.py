@@ -24,8 +24,8 @@ def scan_config(cfg: Any,
     """Scan ``cfg[loader].dataset`` for each loader; returns (images checked,
     problems as ``(where, index, path, reason)``).
 
-    In a started distributed job each rank reads its share and the results
-    are gathered, so every rank returns the same.
+    In a started distributed job each rank reads its share and the results are
+    gathered, so every rank returns the same.
     """
     import torch.distributed as torch_dist
     rank, world = 0, 1
@@ -41,11 +41,16 @@ def scan_config(cfg: Any,
 
         def progress(done, total, where=where, start=start):
             if not quiet and rank == 0 and time.time() - start > 5:
-                print(f'checking {where}: {done}/{total} images',
-                      file=sys.stderr, flush=True)
+                print(
+                    f'checking {where}: {done}/{total} images',
+                    file=sys.stderr,
+                    flush=True)
 
         n, found = scan_dataset(
-            dataset, where, workers=workers, shard=(rank, world),
+            dataset,
+            where,
+            workers=workers,
+            shard=(rank, world),
             progress=progress)
         checked += n
         problems += found
@@ -64,8 +69,10 @@ def check_data(cfg: Any, loaders: Sequence[str], skip: bool) -> None:
     from .dist import process_rank
     if not problems:
         if process_rank() == 0:
-            print(f'--check-data: all {checked} images can be read.',
-                  file=sys.stderr, flush=True)
+            print(
+                f'--check-data: all {checked} images can be read.',
+                file=sys.stderr,
+                flush=True)
         return
     shown = '; '.join(describe_problem(p) for p in problems[:3])
     more = f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''
@@ -75,7 +82,9 @@ def check_data(cfg: Any, loaders: Sequence[str], skip: bool) -> None:
             print(
                 f'warning: --check-data: {len(problems)} of {checked} '
                 f'training images cannot be read and will be skipped: '
-                f'{shown}{more}.', file=sys.stderr, flush=True)
+                f'{shown}{more}.',
+                file=sys.stderr,
+                flush=True)
         return
     raise UnreadableImageError(
         f'--check-data: {len(problems)} of {checked} images cannot be read: '

@@ -1,6 +1,6 @@
 """What the runner uses from davit_ext: hooks, a train loop, a pipeline
-transform, optimizer wrappers and constructors (registered in the
-``davit_ext`` scope on import)."""
+transform, optimizer wrappers and constructors (registered in the ``davit_ext``
+scope on import)."""
 from .checkpoint import AtomicLocalBackend, SafeCheckpointHook
 from .data import LoadImageFromFile
 from .faults import NonFiniteLossHook, PreemptionHook, UnreadableImageHook

@@ -42,11 +42,11 @@ ATOMIC_BACKEND = 'davit_ext_atomic_local'
 def atomic_write(data: bytes, path: str) -> None:
     """Write ``data`` to ``path`` all or nothing.
 
-    The bytes go to a temporary file next to ``path`` (same file system, so
-    the rename is atomic), are flushed to disk, and the file is renamed over
-    ``path``. On an error the temporary file is removed and the error is
-    raised with ``needed`` (bytes to write) and ``written`` (bytes written
-    before it failed) attributes; ``path`` is untouched.
+    The bytes go to a temporary file next to ``path`` (same file system, so the
+    rename is atomic), are flushed to disk, and the file is renamed over
+    ``path``. On an error the temporary file is removed and the error is raised
+    with ``needed`` (bytes to write) and ``written`` (bytes written before it
+    failed) attributes; ``path`` is untouched.
     """
     folder = osp.dirname(osp.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -164,8 +164,12 @@ class SafeCheckpointHook(CheckpointHook):
     # -------------------------------------------------------------- saving
     def _save_checkpoint_with_step(self, runner, step, meta) -> None:
         name = self.filename_tmpl.format(step)
-        self.save_file(runner, name, meta=meta, by_epoch=self.by_epoch,
-                       keep_step=step if self.max_keep_ckpts > 0 else None)
+        self.save_file(
+            runner,
+            name,
+            meta=meta,
+            by_epoch=self.by_epoch,
+            keep_step=step if self.max_keep_ckpts > 0 else None)
 
     def save_file(self,
                   runner,
@@ -174,7 +178,10 @@ class SafeCheckpointHook(CheckpointHook):
                   by_epoch: bool = True,
                   keep_step: Optional[int] = None) -> str:
         """Save the runner's state as ``out_dir/name`` (all ranks call it);
-        returns the path. On success ``last_checkpoint`` names it."""
+        returns the path.
+
+        On success ``last_checkpoint`` names it.
+        """
         where = (f'end of epoch {runner.epoch + 1}, iteration {runner.iter}'
                  if by_epoch else describe_position(runner))
         check_finite_weights(runner, f'checkpoint {name} was not written',
@@ -275,10 +282,11 @@ class SafeCheckpointHook(CheckpointHook):
                 f'{describe_save_error(err, path)}. {kept}')
 
 
-def check_finite_weights(runner, what: str,
+def check_finite_weights(runner,
+                         what: str,
                          where: Optional[str] = None) -> None:
-    """Raise :class:`NonFiniteLossError` on every rank if the model holds a
-    NaN or infinite parameter or buffer (on any rank)."""
+    """Raise :class:`NonFiniteLossError` on every rank if the model holds a NaN
+    or infinite parameter or buffer (on any rank)."""
     model = runner.model
     model = getattr(model, 'module', model)
     bad = []

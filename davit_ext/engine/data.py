@@ -113,8 +113,8 @@ def configure_loaders(dataset: Any,
 def _reader(dataset: Any) -> Callable[[str], None]:
     """Read and decode a file as the dataset's pipeline would."""
     loaders = [
-        t for t in getattr(getattr(dataset, 'pipeline', None), 'transforms',
-                           None) or []
+        t for t in
+        getattr(getattr(dataset, 'pipeline', None), 'transforms', None) or []
         if isinstance(t, _MMCVLoadImageFromFile)
     ]
     color_type = loaders[0].color_type if loaders else 'color'
@@ -130,12 +130,13 @@ def _reader(dataset: Any) -> Callable[[str], None]:
     return read
 
 
-def scan_dataset(dataset: Any,
-                 where: str,
-                 workers: int = 8,
-                 shard: Tuple[int, int] = (0, 1),
-                 progress: Optional[Callable[[int, int], None]] = None
-                 ) -> Tuple[int, List[Tuple[str, int, str, str]]]:
+def scan_dataset(
+    dataset: Any,
+    where: str,
+    workers: int = 8,
+    shard: Tuple[int, int] = (0, 1),
+    progress: Optional[Callable[[int, int], None]] = None
+) -> Tuple[int, List[Tuple[str, int, str, str]]]:
     """Read and decode every image of ``dataset`` as its pipeline would.
 
     Args:

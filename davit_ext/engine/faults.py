@@ -37,9 +37,10 @@ PREEMPT_PREFIX = 'preempt_iter_'
 POSITION_KEY = 'train_position'
 
 
-def agree(code: int, message: Optional[str] = None) -> Tuple[int, Optional[str]]:
-    """The largest ``code`` of all ranks, and the message of a rank that had
-    it (one process: ``code`` and ``message`` as given).
+def agree(code: int,
+          message: Optional[str] = None) -> Tuple[int, Optional[str]]:
+    """The largest ``code`` of all ranks, and the message of a rank that had it
+    (one process: ``code`` and ``message`` as given).
 
     Every rank must call it at the same point. It costs one all-reduce of an
     integer; the messages are gathered only when some rank has a fault.
@@ -112,8 +113,10 @@ def _loss_values(outputs: Any) -> Dict[str, float]:
 
 
 def _not_finite(values: Dict[str, float]) -> List[str]:
-    return [k for k, v in values.items() if v != v or v in (float('inf'),
-                                                          float('-inf'))]
+    return [
+        k for k, v in values.items()
+        if v != v or v in (float('inf'), float('-inf'))
+    ]
 
 
 def _causes(runner) -> str:

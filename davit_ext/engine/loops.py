@@ -29,8 +29,8 @@ __all__ = ['ResumableEpochBasedTrainLoop', 'use_resumable_loop']
 
 
 class _SkipFirst:
-    """A sampler that leaves out the first ``n`` indices of another; its
-    length stays the epoch's (the logs count batches of the whole epoch)."""
+    """A sampler that leaves out the first ``n`` indices of another; its length
+    stays the epoch's (the logs count batches of the whole epoch)."""
 
     def __init__(self, sampler: Any, n: int) -> None:
         self.sampler, self.n = sampler, n
@@ -104,8 +104,8 @@ class ResumableEpochBasedTrainLoop(EpochBasedTrainLoop):
 
     @contextlib.contextmanager
     def _skipping(self, batches: int):
-        """Leave out the first ``batches`` batches of the epoch at the
-        sampler (nothing is loaded); yields how many were left out."""
+        """Leave out the first ``batches`` batches of the epoch at the sampler
+        (nothing is loaded); yields how many were left out."""
         batch_sampler = getattr(self.dataloader, 'batch_sampler', None)
         if batches == 0:
             yield 0
