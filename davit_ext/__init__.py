@@ -18,7 +18,10 @@ _register_mmpretrain(init_default_scope=False)
 from . import engine  # noqa: F401  (registers hooks, optim wrapper)
 from . import models  # noqa: F401  (registers DaViT)
 from .engine import (CPUAmpOptimWrapper, FitLoadFromHook, FSDPStrategy,
-                     LayerDecayOptimWrapperConstructor, RandomStateHook)
+                     LayerDecayOptimWrapperConstructor, NonFiniteLossHook,
+                     PreemptionHook, RandomStateHook,
+                     ResumableEpochBasedTrainLoop, SafeCheckpointHook,
+                     UnreadableImageHook)
 from .models import DaViT
 from .registry import MODELS
 from .side_effects import install_unless_disabled
@@ -32,5 +35,6 @@ install_unless_disabled()
 __all__ = [
     '__version__', 'DaViT', 'CPUAmpOptimWrapper', 'FitLoadFromHook',
     'FSDPStrategy', 'LayerDecayOptimWrapperConstructor', 'RandomStateHook',
-    'MODELS', 'models'
+    'MODELS', 'models', 'NonFiniteLossHook', 'PreemptionHook',
+    'ResumableEpochBasedTrainLoop', 'SafeCheckpointHook', 'UnreadableImageHook'
 ]

@@ -13,7 +13,9 @@ __all__ = [
     'CheckpointDownloadError', 'CheckpointMismatchError',
     'CheckpointStateError', 'UnsupportedTorchError', 'UnknownSchemeError',
     'UnknownLayoutError', 'UnmappedKeysError', 'ConfigError',
-    'DatasetNotFoundError', 'LauncherError', 'NothingToResume', 'USER_ERRORS'
+    'DatasetNotFoundError', 'LauncherError', 'NothingToResume',
+    'TrainingFault', 'NonFiniteLossError', 'UnreadableImageError',
+    'CheckpointSaveError', 'Preempted', 'USER_ERRORS', 'FAULT_STATUSES'
 ]
 
 # ------------------------------------------------------------- checkpoints
@@ -101,6 +103,56 @@ class NothingToResume(ConfigError):
     --resume-finished-ok`` makes that exit status 0).
     """
 
+
+# ----------------------------------------------------------- training faults
+
+
+class TrainingFault(RuntimeError):
+    """A run stopped on purpose; the message says what happened and what to do.
+    The tools print it as one line and exit with :attr:`exit_status`.
+
+    Takes one message argument only: torch's DataLoader re-raises an error of a
+    worker process as ``type(err)(text)``, with the worker's traceback in the
+    text; the original message is recovered from it.
+    """
+    exit_status = 1
+    #: What the tools print before the message.
+    prefix = 'error: '
+
+    def __init__(self, message: str) -> None:
+        marker = f'{type(self).__name__}: '
+        if 'Original Traceback' in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
+class NonFiniteLossError(TrainingFault):
+    """The loss (or the weights) stopped being finite."""
+    exit_status = 3
+
+
+class UnreadableImageError(TrainingFault):
+    """An image of a dataset cannot be read or decoded."""
+    exit_status = 2
+
+
+class CheckpointSaveError(TrainingFault):
+    """A checkpoint could not be written (the previous one is intact)."""
+    exit_status = 74  # sysexits.h EX_IOERR
+
+
+class Preempted(TrainingFault):
+    """A stop signal arrived; a resumable checkpoint was saved."""
+    exit_status = 75  # sysexits.h EX_TEMPFAIL: try again (--resume)
+    prefix = 'stopped: '
+
+
+#: Exit status of each fault, for launchers and job scripts.
+FAULT_STATUSES = {
+    cls.__name__: cls.exit_status
+    for cls in (NonFiniteLossError, UnreadableImageError, CheckpointSaveError,
+                Preempted)
+}
 
 #: What the tools print as one line and turn into exit status 2.
 USER_ERRORS: Tuple[type, ...] = (CheckpointError, LauncherError,

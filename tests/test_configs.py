@@ -72,9 +72,18 @@ INTENDED = {
     'custom_imports.imports': (['davit_ext'], MISSING),
     'custom_imports.allow_failed_imports': (False, MISSING),
     # our hooks, declared by our runtime base
-    'custom_hooks.#len': (2, MISSING),
+    'custom_hooks.#len': (5, MISSING),
     'custom_hooks.0.type': ('davit_ext.RandomStateHook', MISSING),
     'custom_hooks.1.type': ('davit_ext.FitLoadFromHook', MISSING),
+    'custom_hooks.2.type': ('davit_ext.NonFiniteLossHook', MISSING),
+    'custom_hooks.2.skip': (False, MISSING),
+    'custom_hooks.3.type': ('davit_ext.UnreadableImageHook', MISSING),
+    'custom_hooks.3.skip': (False, MISSING),
+    'custom_hooks.4.type': ('davit_ext.PreemptionHook', MISSING),
+    'custom_hooks.4.signals': (['SIGTERM', 'SIGUSR1'], MISSING),
+    # checkpoints written atomically (the same arguments)
+    'default_hooks.checkpoint.type':
+    ('davit_ext.SafeCheckpointHook', 'CheckpointHook'),
 }
 ARCH_ALIAS = {'small': ('s', 'small'), 'base': ('b', 'base')}
 OFFICIAL = {
@@ -143,10 +152,13 @@ def test_runtime_base_scope_and_cpu_fallback():
     assert rt.env_cfg.dist_cfg == dict(backend='nccl')  # tools switch to gloo
     checkpoint = dict(rt.default_hooks.checkpoint)
     assert checkpoint.pop('_scope_', 'mmpretrain') == 'mmpretrain'
-    assert checkpoint == dict(type='CheckpointHook', interval=1)
+    assert checkpoint == dict(type='davit_ext.SafeCheckpointHook', interval=1)
     assert rt.custom_hooks == [
         dict(type='davit_ext.RandomStateHook'),
-        dict(type='davit_ext.FitLoadFromHook')
+        dict(type='davit_ext.FitLoadFromHook'),
+        dict(type='davit_ext.NonFiniteLossHook', skip=False),
+        dict(type='davit_ext.UnreadableImageHook', skip=False),
+        dict(type='davit_ext.PreemptionHook', signals=['SIGTERM', 'SIGUSR1'])
     ]
 
 

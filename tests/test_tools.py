@@ -112,9 +112,13 @@ def tiny(tmp_path_factory):
     20 held-out images per class. Unlike noise of two brightnesses, the classes
     take learning, so top-1 is graded and tells weights apart.
     """
+    return make_tiny(tmp_path_factory.mktemp('tiny'))
+
+
+def make_tiny(root):
+    """The data and config of the ``tiny`` fixture, made in ``root``."""
     from sklearn.datasets import load_digits
     digits = load_digits()
-    root = tmp_path_factory.mktemp('tiny')
     for label, digit in enumerate((3, 8)):
         index = np.flatnonzero(digits.target == digit)
         for split, chosen in (('train', index[:8]), ('val', index[8:28])):

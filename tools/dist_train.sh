@@ -26,8 +26,11 @@ need_int NNODES "$NNODES" 1 ""
 need_int NODE_RANK "$NODE_RANK" 0 " (this node's index, 0..NNODES-1)"
 need_int PORT "$PORT" 1 " (a free TCP port)"
 
+# exec: a SIGTERM to this script (Kubernetes stops a pod so) reaches torchrun,
+# which passes it on to the workers: they save a resumable checkpoint and stop
+# (docs/train_test.md, "Faults").
 PYTHONPATH="$(dirname "$0")/..":$PYTHONPATH \
-python "$(dirname "$0")/launch.py" \
+exec python "$(dirname "$0")/launch.py" \
     --nnodes="$NNODES" \
     --node_rank="$NODE_RANK" \
     --master_addr="$MASTER_ADDR" \

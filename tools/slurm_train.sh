@@ -6,6 +6,24 @@
 #
 # e.g. GPUS=16 bash tools/slurm_train.sh gpu davit-t \
 #          configs/davit/davit-tiny_4xb256_in1k.py work_dirs/davit-t
+#
+# Preemption and time limits. On SIGTERM (what slurm sends a preempted or
+# cancelled job, KillWait/GraceTime seconds before SIGKILL) or SIGUSR1, every
+# task finishes its iteration, a resumable checkpoint is saved
+# (WORK_DIR/preempt_iter_N.pth, last_checkpoint points at it) and the tasks
+# exit with status 75; `--resume` continues exactly there, and starts afresh
+# when WORK_DIR has no checkpoint yet, so a requeued job can always pass it:
+#
+#   # in an sbatch script:
+#   #SBATCH --requeue                  # preemption may requeue the job
+#   #SBATCH --signal=USR1@120          # USR1 to the tasks 120 s before the
+#                                      # time limit (srun: SRUN_ARGS=--signal=..)
+#   bash tools/slurm_train.sh PARTITION JOB CONFIG WORK_DIR --resume
+#   [ $? -eq 75 ] && scontrol requeue "$SLURM_JOB_ID"   # time limit: go again
+#
+# (or let slurm requeue on that status: RequeueExit=75 in slurm.conf). Other
+# statuses: 2 bad input or an unreadable image, 3 a non-finite loss, 74 a
+# checkpoint that could not be written (docs/train_test.md, "Faults").
 set -e
 
 . "$(dirname "$0")/launch_checks.sh"  # need_int

@@ -2,6 +2,7 @@
 
     python tools/train.py CONFIG [--work-dir DIR] [--resume [CHECKPOINT]]
         [--resume-finished-ok] [--amp] [--no-validate] [--auto-scale-lr]
+        [--check-data] [--skip-unreadable] [--skip-nonfinite]
         [--cfg-options K=V ...] [--launcher none|pytorch|slurm|mpi]
 
 What davit_ext adds (docs/train_test.md): checkpoints are read safely
@@ -9,7 +10,10 @@ What davit_ext adds (docs/train_test.md): checkpoints are read safely
 (davit_ext.cli.dist); a mistake stops the run with one line and the work_dir
 as it was (davit_ext.cli); ``load_from``/``--resume`` go through the fit
 policy and resuming restores the random generators (the runtime base's
-``custom_hooks``, davit_ext.engine.hooks).
+``custom_hooks``, davit_ext.engine.hooks). Faults (docs/train_test.md,
+"Faults"): a non-finite loss stops the run (status 3), an unreadable image
+too (status 2), a failed save keeps the previous checkpoint (status 74),
+SIGTERM/SIGUSR1 save a resumable checkpoint (status 75).
 """
 import os.path as osp
 import warnings
@@ -54,6 +58,21 @@ def parse_args(argv=None):
         help='scale the learning rate by the real total batch size over '
         'auto_scale_lr.base_batch_size')
     parser.add_argument(
+        '--check-data',
+        action='store_true',
+        help='read every training (and validation) image first and stop if '
+        'any cannot be read (with --skip-unreadable: warn and go on)')
+    parser.add_argument(
+        '--skip-unreadable',
+        action='store_true',
+        help='skip training images that cannot be read (a warning each, a '
+        'count per epoch) instead of stopping')
+    parser.add_argument(
+        '--skip-nonfinite',
+        action='store_true',
+        help='skip the optimizer step of an iteration whose loss is NaN/inf '
+        '(counted in the log) instead of stopping')
+    parser.add_argument(
         '--no-persistent-workers',
         action='store_true',
         help='disable persistent_workers in the dataloaders')
@@ -90,6 +109,12 @@ def merge_args(cfg, args):
                 f'batch size its learning rate was set for.')
         cfg.auto_scale_lr.enable = True
     apply_common(cfg, args, persistent_workers=True)
+    for hook in cfg.custom_hooks:
+        kind = str(hook.get('type', ''))
+        if args.skip_nonfinite and kind.endswith('NonFiniteLossHook'):
+            hook['skip'] = True
+        if args.skip_unreadable and kind.endswith('UnreadableImageHook'):
+            hook['skip'] = True
     return cfg
 
 
@@ -125,14 +150,30 @@ def _train(args):
     if not cfg.get('resume'):
         checks.check_checkpoint_exists(checks.backbone_init_checkpoint(cfg))
     dist.init_distributed(cfg.launcher, cfg.env_cfg.get('dist_cfg', {}))
+    if args.check_data:
+        from davit_ext.cli.datacheck import check_data
+        check_data(cfg, loaders, skip=args.skip_unreadable)
     try:
         with WorkDirGuard(cfg) as guard:
-            build_runner(cfg, guard).train()
+            runner = build_runner(cfg, guard)
+            try:
+                runner.train()
+            finally:
+                _restore_signal_handlers(runner)
     except NothingToResume as done:
         if not args.resume_finished_ok:
             raise ConfigError(f'{done}; with --resume-finished-ok this exits '
                               'with status 0 instead.') from None
         print(f'{done}. Nothing was done.', file=sys.stderr, flush=True)
+
+
+def _restore_signal_handlers(runner):
+    """A run that stopped on an exception did not reach the hooks'
+    after_train: put back the signal handlers PreemptionHook set."""
+    for hook in runner.hooks:
+        restore = getattr(hook, 'restore_handlers', None)
+        if callable(restore):
+            restore()
 
 
 if __name__ == '__main__':

@@ -16,12 +16,26 @@ default_scope = 'davit_ext'
 # plain mmengine/mmpretrain entry points.
 custom_imports = dict(imports=['davit_ext'], allow_failed_imports=False)
 
+# Checkpoints are written atomically (a temporary file renamed over the
+# target); a failed save keeps the previous checkpoint and last_checkpoint and
+# stops the run with one message (davit_ext.engine.checkpoint).
+default_hooks = dict(checkpoint=dict(type='davit_ext.SafeCheckpointHook'))
+
 # RandomStateHook saves and restores every random generator, so that resuming
 # is exact; FitLoadFromHook applies load_from under the fine-tuning policy (a
 # new head loads with one warning, another backbone arch is refused; resume
-# stays strict). A config that sets its own custom_hooks replaces this list:
-# keep these two in it.
+# stays strict). The other three handle the faults of real runs
+# (docs/train_test.md, "Faults"): a non-finite loss stops the run before
+# anything is saved (skip=True: skip such steps), an unreadable image stops it
+# with one message naming the file (skip=True: skip such training images),
+# SIGTERM/SIGUSR1 save a resumable checkpoint and stop with status 75
+# (signals=[] switches that off). A config that sets its own custom_hooks
+# replaces this list; tools/train.py adds back those it lacks, with these
+# defaults.
 custom_hooks = [
     dict(type='davit_ext.RandomStateHook'),
     dict(type='davit_ext.FitLoadFromHook'),
+    dict(type='davit_ext.NonFiniteLossHook', skip=False),
+    dict(type='davit_ext.UnreadableImageHook', skip=False),
+    dict(type='davit_ext.PreemptionHook', signals=['SIGTERM', 'SIGUSR1']),
 ]

@@ -21,7 +21,8 @@ __all__ = [
 ]
 
 #: Hooks every run needs (the runtime base lists them in ``custom_hooks``).
-OUR_HOOKS = ('RandomStateHook', 'FitLoadFromHook')
+OUR_HOOKS = ('RandomStateHook', 'FitLoadFromHook', 'NonFiniteLossHook',
+             'UnreadableImageHook', 'PreemptionHook')
 
 
 class ToolArgumentParser(argparse.ArgumentParser):

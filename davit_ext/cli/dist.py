@@ -231,15 +231,17 @@ def init_distributed(launcher: str, dist_cfg: dict) -> None:
     torch_dist.init_process_group(backend=backend, **kwargs)
 
 
-def close_distributed() -> None:
-    """End a distributed worker that has finished its work: destroy the process
-    group, flush the logs and leave with status 0 without the interpreter's
-    teardown (no-op without a process group).
+def close_distributed(status: int = 0) -> None:
+    """End a distributed worker that has finished its work (or stopped on a
+    fault): destroy the process group, flush the logs and leave with
+    ``status`` without the interpreter's teardown (no-op without a process
+    group).
 
     With the teardown, a CPU (gloo) worker of ``tools/dist_test.sh`` died now
     and then after its work was done: ``terminate called without an active
     exception`` (SIGABRT), so torchrun reported a failed run; destroying the
-    process group first did not prevent it. Call it only after success.
+    process group first did not prevent it. Call it after success, or after
+    a fault every rank agreed on (:class:`~davit_ext.errors.TrainingFault`).
     """
     if not (torch_dist.is_available() and torch_dist.is_initialized()):
         return
@@ -249,4 +251,4 @@ def close_distributed() -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)

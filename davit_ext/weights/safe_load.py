@@ -134,6 +134,12 @@ def safe_load_context() -> Iterator[None]:
     with _LOCK:
         had_own = '__setstate__' in HistoryBuffer.__dict__
         original = HistoryBuffer.__dict__.get('__setstate__')
+        # mmengine registers its default statistics methods in the class
+        # dict when a buffer is made, not when one is unpickled: a process
+        # whose first buffers come from a file (a resumed rank > 0) would
+        # have none, and its first log after validation failed with
+        # "KeyError: 'mean' has not been registered".
+        HistoryBuffer()
         methods = dict(HistoryBuffer._statistics_methods)
         HistoryBuffer.__setstate__ = _guarded_setstate
         try:
