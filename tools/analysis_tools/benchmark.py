@@ -222,6 +222,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help='CPU: after timing, profile each eager candidate\'s inference '
         'and training step (torch.profiler, self CPU time) and print its GEMM '
         'share and top N ops')
+    p.add_argument(
+        '--peak-size',
+        type=int,
+        default=2048,
+        metavar='N',
+        help='side of the square GEMM timed once per run and precision to '
+        'measure the machine\'s peak GFLOP/s (0: skip the peak and the %% '
+        'of peak column)')
     p.add_argument('--json', default=None, help='write the results here')
     return p.parse_args(argv)
 
@@ -422,6 +430,7 @@ class Runner:
         self.optimizer = None
         self.compile_s = {}
         self.off: Tuple[str, ...] = ()  # fast paths switched off
+        self.precision = args.dtype  # of its GEMMs: which peak applies
 
     def _paths(self):
         from davit_ext.models import fast_paths
@@ -505,6 +514,7 @@ class OnnxRunner:
         spec.loader.exec_module(tool)
         self.name = ONNX_NAME
         self.device = torch.device('cpu')
+        self.precision = 'fp32'
         with tempfile.TemporaryDirectory() as tmp:
             onnx_file = os.path.join(tmp, 'ours.onnx')
             t0 = time.perf_counter()
@@ -658,6 +668,76 @@ def peak_memory(fn: Callable, device: torch.device) -> float:
     return float(peak)
 
 
+# ------------------------------------------------------- peak and FLOPs
+def model_flops(model: nn.Module, size: Tuple[int, int],
+                device: torch.device) -> int:
+    """FLOPs of one image through ``model``: 2 x the multiply-adds of its
+    convolutions and matrix products (``torch.utils.flop_counter``; norms,
+    softmax, GELU and additions are not counted, as usual).
+
+    Counted with every fast path off, so that the counter sees the module
+    calls' ops (it does not know oneDNN's linear). Every candidate computes the
+    same function with the same weights, so one count serves all rows.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from davit_ext.models import fast_paths
+    x = torch.zeros(1, 3, *size, device=device)
+    with torch.no_grad(), fast_paths.turned_off(
+            *fast_paths.FAST_PATH_NAMES), FlopCounterMode(
+                display=False) as counter:
+        model.eval()(x)
+    return int(counter.get_total_flops())
+
+
+def gemm_peak(precision: str,
+              n: int,
+              device: torch.device,
+              iters: int = 5) -> Dict:
+    """GFLOP/s of one large (n x n x n) GEMM in ``precision``: the machine's
+    reachable limit for a model whose work is matrix products.
+
+    On CPU both kernels PyTorch has are timed, ``torch.mm`` (MKL in fp32,
+    oneDNN in bf16) and oneDNN's linear
+    (``torch.ops.mkldnn._linear_pointwise``, what our fast paths and inductor
+    call), and the faster one is the peak: the median of ``iters`` calls after
+    two warm-up calls.
+    """
+    dtype = DTYPES[precision] or torch.float32
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    w = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    kernels = {'torch.mm': lambda: torch.mm(a, w.t())}
+    onednn = getattr(torch.ops.mkldnn, '_linear_pointwise', None)
+    if device.type == 'cpu' and onednn is not None and \
+            torch.backends.mkldnn.is_available():
+        kernels['oneDNN linear'] = lambda: onednn(a, w, None, 'none', [], '')
+    flop = 2. * n**3
+    gflops = {}
+    for name, fn in kernels.items():
+        try:
+            times = time_interleaved({name: fn}, iters, 2, device)[name]
+        except RuntimeError:  # e.g. no bf16 kernel in this build
+            continue
+        gflops[name] = flop / statistics.median(times) / 1e9
+    if not gflops:
+        return {}
+    best = max(gflops, key=gflops.get)
+    return dict(gflops=gflops[best], kernel=best, size=n, kernels=gflops)
+
+
+def add_peak_columns(results: Dict, flops: int, peaks: Dict) -> None:
+    """``infer_gflops`` = FLOPs per image x img/s; ``infer_pct_peak`` = that
+    over the peak of the row's precision, in percent."""
+    for res in results.values():
+        if not res.get('infer_img_s'):
+            continue
+        res['infer_gflops'] = flops * res['infer_img_s'] / 1e9
+        peak = peaks.get(res.get('precision'), {}).get('gflops')
+        if peak:
+            res['infer_pct_peak'] = 100. * res['infer_gflops'] / peak
+
+
 # ------------------------------------------------------------------ report
 def summarize(results: Dict, metric: str, higher_better: bool,
               peers: List[str]) -> None:
@@ -674,20 +754,23 @@ def summarize(results: Dict, metric: str, higher_better: bool,
 
 
 def format_table(results: Dict, peers: List[str]) -> str:
-    cols = [('infer img/s', 'infer_img_s', '{:.2f}'),
-            ('train img/s', 'train_img_s', '{:.2f}'),
-            ('train peak MB', 'train_peak_mb', '{:.0f}')]
+    # (title, key, format, with a ratio column per peer)
+    cols = [('infer img/s', 'infer_img_s', '{:.2f}', True),
+            ('GFLOP/s', 'infer_gflops', '{:.0f}', False),
+            ('% peak', 'infer_pct_peak', '{:.1f}', False),
+            ('train img/s', 'train_img_s', '{:.2f}', True),
+            ('train peak MB', 'train_peak_mb', '{:.0f}', True)]
     header = ['model']
-    for title, _, _ in cols:
+    for title, _, _, ratios in cols:
         header.append(title)
-        header += [f'x {p}' for p in peers]
+        header += [f'x {p}' for p in peers] if ratios else []
     rows = [header]
     for name, res in results.items():
         row = [name]
-        for _, key, fmt in cols:
+        for _, key, fmt, ratios in cols:
             val = res.get(key)
             row.append('-' if val is None else fmt.format(val))
-            for p in peers:
+            for p in peers if ratios else ():
                 r = res.get(f'{key}_vs_{p}')
                 row.append('-' if r is None else f'{r:.2f}')
         rows.append(row)
@@ -787,10 +870,17 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         if not all(c['ok'] for c in checks):
             raise SystemExit('outputs disagree: not timing (see above)')
 
-    results = OrderedDict((name, {}) for name in runners)
+    results = OrderedDict(
+        (name, dict(precision=r.precision)) for name, r in runners.items())
     for name, runner in runners.items():
         if runner.compile_s:
             results[name]['compile_s'] = runner.compile_s
+    # The machine's limit, once per run and precision, and the model's work.
+    peaks: Dict[str, Dict] = {}
+    flops = model_flops(models['ours'].model, size, device)
+    if args.peak_size > 0 and 'infer' not in args.skip:
+        for precision in sorted({r.precision for r in runners.values()}):
+            peaks[precision] = gemm_peak(precision, args.peak_size, device)
     if 'infer' not in args.skip:
         fns = {
             n: (lambda r=r: r.infer(x))
@@ -835,6 +925,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     elif args.profile:
         notes.append('--profile reads CPU time: skipped on ' + device.type)
 
+    add_peak_columns(results, flops, peaks)
     peers = [p for p in PEERS if p in results]
     for metric, higher in (('infer_img_s', True), ('train_img_s', True),
                            ('train_peak_mb', False), ('infer_peak_mb', False)):
@@ -854,6 +945,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             results['ours']['train_peak_mb']
 
     meta = machine_info(args)
+    meta['flops_per_image'] = flops
+    meta['gemm_peak'] = peaks
     config = dict(
         vars(args),
         img_size=list(size),
@@ -877,6 +970,16 @@ def main(argv: Optional[List[str]] = None) -> Dict:
           f"{meta['date']}")
     print(f'medians of {args.iters} interleaved rounds after {args.warmup} '
           'warm-up; ratios > 1 mean ours is better (faster / less memory)')
+    print(f'work: {flops / 1e9:.2f} GFLOP per image (2 x multiply-adds of '
+          'the convolutions and matrix products); GFLOP/s = that x infer '
+          'img/s; % peak = GFLOP/s over the peak of the row\'s precision')
+    for precision, peak in peaks.items():
+        if peak:
+            kernels = ', '.join(f'{k} {v:.0f}'
+                                for k, v in peak['kernels'].items())
+            print(f"{precision} GEMM peak: {peak['gflops']:.0f} GFLOP/s "
+                  f"({peak['size']}^3 GEMM, {meta['threads']} threads; "
+                  f'{kernels})')
     print(format_table(results, peers))
     for name, res in results.items():
         if 'compile_s' in res:
