@@ -1,0 +1,197 @@
+"""OpenVINO IR export (tools/deployment/pytorch2openvino.py), checked against
+PyTorch with OpenVINO's CPU plugin.
+
+One dynamic export (a small custom arch: the export is the slow part) runs
+every size; one static export of the original forward checks the fixed shape.
+"""
+import contextlib
+import importlib.util
+import io
+import os
+import os.path as osp
+
+import numpy as np
+import pytest
+import torch
+
+import davit_ext  # noqa: F401
+
+ov = pytest.importorskip('openvino')
+pytest.importorskip('onnx')
+pytest.importorskip('onnxscript')  # torch's exporter needs it
+
+from test_onnx import SIZES, random_checkpoint, small_config  # noqa: E402
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TOOL = osp.join(REPO, 'tools', 'deployment', 'pytorch2openvino.py')
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location('pytorch2openvino_tool',
+                                                  TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tool = _load_tool()
+
+
+def run_tool(args):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = tool.main(args)
+    return rc, buf.getvalue()
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+    """(model, .xml file, tool output): one dynamic export, verified."""
+    tmp_path = tmp_path_factory.mktemp('ov')
+    cfg = small_config(tmp_path, official=False)
+    ckpt, model = random_checkpoint(cfg, tmp_path)
+    xml = str(tmp_path / 'small.xml')
+    rc, out = run_tool([
+        cfg, ckpt, '--output-file', xml, '--shape', '70', '90',
+        '--dynamic-export', '--verify'
+    ])
+    assert rc == 0, out
+    return model, xml, out
+
+
+def test_verify_prints_every_size(exported):
+    _, xml, out = exported
+    lines = [line for line in out.splitlines() if line.startswith('verify')]
+    assert [line.split(':')[0] for line in lines] == [
+        'verify 1x3x70x90 (--shape)', 'verify 3x3x70x90 (batch > 1)',
+        'verify 2x3x200x300 (non-square)', 'verify 1x3x225x225 (odd)',
+        'verify 1x3x97x131 (odd, non-square)',
+        'verify 1x3x24x24 (smaller than a window, stem map 6x6)'
+    ]
+    assert all(line.endswith(' ok') for line in lines), out
+    assert osp.isfile(xml) and osp.isfile(xml[:-4] + '.bin')
+    # Nothing else left in the folder (no temporary files).
+    assert sorted(
+        p for p in os.listdir(osp.dirname(xml))
+        if not p.endswith(('.py', '.pth'))) == ['small.bin', 'small.xml']
+
+
+def test_ir_is_dynamic_with_fp32_weights(exported):
+    _, xml, _ = exported
+    model = ov.Core().read_model(xml)
+    (inp, ) = model.inputs
+    shape = inp.get_partial_shape()
+    assert shape.rank.get_length() == 4 and shape[1].get_length() == 3
+    assert all(shape[i].is_dynamic for i in (0, 2, 3)), shape
+    assert model.outputs[0].get_any_name() == 'logits'
+    weights = [
+        op for op in model.get_ops() if op.get_type_name() == 'Constant'
+        and op.get_output_partial_shape(0).rank.get_length() >= 2
+    ]
+    assert weights
+    assert {str(op.get_output_element_type(0))
+            for op in weights} == {'<Type: \'float32\'>'}
+
+
+def test_one_ir_matches_pytorch_at_every_size(exported):
+    torch_model, xml, _ = exported
+    compiled = tool.compile_model(xml, 'fp32', threads=1)
+    g = torch.Generator().manual_seed(1)
+    for n, h, w in SIZES:
+        x = torch.randn(n, 3, h, w, generator=g)
+        with torch.no_grad():
+            expected = torch_model(x, mode='tensor').numpy()
+        got = compiled({'input': x.numpy()})['logits']
+        assert got.shape == (n, 10)
+        scale = np.abs(expected).max()
+        diff = np.abs(got - expected).max()
+        assert scale > 0.1  # logits are not trivially zero
+        assert diff <= 1e-4 * max(1., scale), (n, h, w, diff, scale)
+
+
+def test_bf16_inference_is_close(exported):
+    """The precision is chosen at compile time: bf16 GEMMs stay within the
+    benchmark's autocast bound of fp32 PyTorch."""
+    if 'BF16' not in ov.Core().get_property('CPU',
+                                            'OPTIMIZATION_CAPABILITIES'):
+        pytest.skip('this CPU has no bf16 instructions')
+    torch_model, xml, _ = exported
+    compiled = tool.compile_model(xml, 'bf16', threads=1)
+    assert compiled.get_property('INFERENCE_PRECISION_HINT') == ov.Type.bf16
+    x = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = torch_model(x, mode='tensor').numpy()
+    got = compiled({'input': x.numpy()})['logits']
+    diff, scale = np.abs(got - expected).max(), np.abs(expected).max()
+    assert 0 < diff <= 5e-2 * max(1., scale), (diff, scale)
+
+
+def test_verify_catches_a_different_model(exported, capsys):
+    torch_model, xml, _ = exported
+    other = tool.pytorch2onnx.LogitsOnly(torch_model).eval()
+    with torch.no_grad():
+        other.classifier.head.fc.bias.add_(0.5)
+    try:
+        with pytest.raises(AssertionError, match='differ beyond the limit'):
+            tool.verify(other, xml, [(1, 40, 40)])
+    finally:
+        with torch.no_grad():
+            other.classifier.head.fc.bias.sub_(0.5)
+    assert 'FAILED' in capsys.readouterr().out
+
+
+def test_static_ir_of_the_original_forward(tmp_path):
+    cfg = small_config(tmp_path, official=True)
+    ckpt, model = random_checkpoint(cfg, tmp_path)
+    xml = str(tmp_path / 'static.xml')
+    rc, out = run_tool([
+        cfg, ckpt, '--output-file', xml, '--shape', '40', '56', '--batch', '2',
+        '--verify'
+    ])
+    assert rc == 0, out
+    assert 'verify 2x3x40x56 (--shape, the only size of a static IR)' in out
+    shape = ov.Core().read_model(xml).inputs[0].get_partial_shape()
+    assert shape.is_static and shape.to_shape() == [2, 3, 40, 56]
+
+
+@pytest.mark.parametrize('bad,message', [
+    (['--output-file', 'x.onnx'], '--output-file must end in .xml'),
+    (['--output-file', 'x.xml', '--batch', '0'], 'must be positive'),
+    (['--output-file', 'x.xml', '--verify-sizes', '1x8x8'
+      ], '--verify-sizes needs --dynamic-export'),
+])
+def test_bad_options_fail_with_one_line(bad, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        tool.main([str(tmp_path / 'c.py'), 'x.pth'] + bad)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # argparse's usage, then one line: no traceback
+    assert 'error: ' in err[-1] and message in err[-1], err
+    assert err[0].startswith('usage: ')
+
+
+def test_checkpoint_of_another_model_fails_clearly(tmp_path, capsys):
+    cfg = small_config(tmp_path, official=False)
+    ckpt = tmp_path / 'other.pth'
+    torch.save({'state_dict': {'head.fc.weight': torch.zeros(10, 256)}}, ckpt)
+    rc = tool.main([cfg, str(ckpt), '--output-file', str(tmp_path / 'x.xml')])
+    assert rc == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith('error: checkpoint ') and 'does not fit' in err
+    assert sorted(p.name
+                  for p in tmp_path.iterdir()) == ['other.pth', 'small.py']
+
+
+def test_missing_openvino_fails_clearly(tmp_path, capsys, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, 'find_spec', lambda name, *a:
+        (None if name == 'openvino' else find_spec(name, *a)))
+    rc = tool.main([
+        str(tmp_path / 'nope.py'), 'x.pth', '--output-file',
+        str(tmp_path / 'x.xml')
+    ])
+    assert rc == 1
+    assert capsys.readouterr().err.strip() == (
+        'error: the OpenVINO export needs openvino: pip install openvino '
+        '(or pip install "davit_ext[deploy]").')
