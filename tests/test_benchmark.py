@@ -290,3 +290,47 @@ def test_compiled_peers_are_compared_with_compiled_ours(
         ])
     import torch._inductor.config as inductor_config
     assert not inductor_config.freezing  # not left on by the failed compile
+
+
+def test_size_sweep(tmp_path):
+    """``--sizes``: per size the tokens, FLOPs (the count by hand), img/s from
+    the timings, tokens/s and peak memory of each candidate; a peer that
+    refuses a size is left out there with a note; JSON and PNG written."""
+    pytest.importorskip('timm')
+    out = tmp_path / 'sweep.json'
+    result = load_tool().main([
+        '--arch', TINY, '--sizes', '56', '48x80', '--iters', '2', '--warmup',
+        '0', '--threads', '1', '--no-official', '--json',
+        str(out)
+    ])
+    with open(out) as f:
+        assert json.load(f)['sweep'] == result['sweep']
+    arch = json.loads(TINY)
+    (square, wide) = result['sweep']
+    assert square['size'] == [56, 56] and wide['size'] == [48, 80]
+    assert square['tokens'] == 14 * 14 and wide['tokens'] == 12 * 20
+    for point in result['sweep']:
+        h, w = point['size']
+        assert point['flops_per_image'] == davit_flops(arch['embed_dims'],
+                                                       arch['depths'],
+                                                       arch['num_heads'], h, w,
+                                                       1000)
+        assert set(point['results']) == {'ours', 'timm'}
+        for res in point['results'].values():
+            img_s = 1 / statistics.median(res['infer_s'])  # batch 1
+            assert res['infer_img_s'] == pytest.approx(img_s, rel=1e-12)
+            assert res['tokens_s'] == pytest.approx(
+                img_s * point['tokens'], rel=1e-12)
+            assert res['infer_peak_mb'] > 0
+    # activations grow with the map
+    assert wide['results']['ours']['infer_peak_mb'] > \
+        square['results']['ours']['infer_peak_mb']
+    assert any(
+        n.startswith('mmpretrain at 56x56: cannot run')
+        for n in result['notes'])
+    png = tmp_path / 'sweep.png'
+    if importlib.util.find_spec('matplotlib'):
+        assert result['plot'] == str(png)
+        assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    with pytest.raises(SystemExit, match='--sizes: expected S or HxW'):
+        load_tool().main(['--arch', TINY, '--sizes', '0x5'])

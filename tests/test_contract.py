@@ -420,8 +420,8 @@ def test_peft_lora_trains_every_adapter_and_train_equals_eval():
 
 # ----------------------------------------------------------------- int8
 def timm_pair(arch, num_classes=10):
-    """Our classifier with the original forward (``official=True``) and
-    timm's DaVit, with the same random weights: the same function."""
+    """Our classifier with the original forward (``official=True``) and timm's
+    DaVit, with the same random weights: the same function."""
     timm = pytest.importorskip('timm')
     from mmpretrain.models import ImageClassifier
 
@@ -456,13 +456,13 @@ def test_quantize_dynamic_error_within_timm():
     """int8 logit error of ours and of timm's DaViT, same weights.
 
     timm's DaViT, like ours, has every linear layer as an ``nn.Linear``, so
-    ``quantize_dynamic`` quantizes all of them in both (mmpretrain's FFN
-    layers are mmcv ``Linear`` subclasses that it skips: half its layers, so
-    its error measures less quantization). Every quantized Linear sees the
-    same input in both models (to fp32 rounding), but a 1e-6 change of an
-    activation can move a value across an int8 rounding step and the
-    difference grows from layer to layer: the two errors are draws of one
-    distribution. Hence the margin of the bf16 bounds.
+    ``quantize_dynamic`` quantizes all of them in both (mmpretrain's FFN layers
+    are mmcv ``Linear`` subclasses that it skips: half its layers, so its error
+    measures less quantization). Every quantized Linear sees the same input in
+    both models (to fp32 rounding), but a 1e-6 change of an activation can move
+    a value across an int8 rounding step and the difference grows from layer to
+    layer: the two errors are draws of one distribution. Hence the margin of
+    the bf16 bounds.
     """
     ref, ours = timm_pair(ARCH32)
     x = torch.randn(4, 3, 224, 224)
@@ -476,9 +476,11 @@ def test_quantize_dynamic_error_within_timm():
         q = torch.ao.quantization.quantize_dynamic(
             model, {nn.Linear}, dtype=torch.qint8)
         assert not any(type(m) is nn.Linear for m in q.modules())
-        quantized.append((linears,
-                          sum(isinstance(m, torch.ao.nn.quantized.dynamic.
-                                         Linear) for m in q.modules())))
+        quantized.append(
+            (linears,
+             sum(
+                 isinstance(m, torch.ao.nn.quantized.dynamic.Linear)
+                 for m in q.modules())))
         with torch.no_grad():
             err = (call(q) - fp32).abs()
         errors.append((err.mean().item(), err.max().item()))

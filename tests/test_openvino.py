@@ -7,8 +7,10 @@ every size; one static export of the original forward checks the fixed shape.
 import contextlib
 import importlib.util
 import io
+import json
 import os
 import os.path as osp
+import statistics
 
 import numpy as np
 import pytest
@@ -195,3 +197,81 @@ def test_missing_openvino_fails_clearly(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err.strip() == (
         'error: the OpenVINO export needs openvino: pip install openvino '
         '(or pip install "davit_ext[deploy]").')
+
+
+def test_benchmark_runtime_rows(tmp_path, capsys):
+    """The benchmark's ``--onnxruntime --openvino`` rows: ours (dynamic and
+    static graphs) and timm's (static) exported the same way, each checked
+    against the fp32 forward it came from; every ratio and the % of peak
+    recomputed from the JSON."""
+    pytest.importorskip('onnxruntime')
+    pytest.importorskip('timm')
+    spec = importlib.util.spec_from_file_location(
+        'benchmark_tool',
+        osp.join(REPO, 'tools', 'analysis_tools', 'benchmark.py'))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        out = bench.main([
+            '--arch', '{"embed_dims": 16, "depths": [1, 1, 1, 1], '
+            '"num_heads": [1, 1, 2, 2]}', '--batch', '2', '--img-size', '56',
+            '--threads', '1', '--iters', '2', '--warmup', '0', '--skip',
+            'train', 'memory', '--peers', 'timm', '--no-official',
+            '--num-classes', '10', '--onnxruntime', '--openvino',
+            '--export-shapes', 'dynamic', 'static', '--runtime-models', 'ours',
+            'timm', '--peak-size', '128', '--json',
+            str(tmp_path / 'rt.json')
+        ])
+    finally:
+        torch.set_num_threads(threads)
+    with open(tmp_path / 'rt.json') as f:
+        assert json.load(f)['results'].keys() == out['results'].keys()
+    res = out['results']
+    bf16 = 'BF16' in ov.Core().get_property('CPU', 'OPTIMIZATION_CAPABILITIES')
+    precisions = ['fp32', 'bf16'] if bf16 else ['fp32']
+    rows = {
+        bench.runtime_name(m, rt, p, s)
+        for m, shapes in (('ours', ('dynamic', 'static')), ('timm',
+                                                            ('static', )))
+        for rt in ('onnxruntime', 'openvino')
+        for p in (precisions if rt == 'openvino' else ['fp32']) for s in shapes
+    }
+    assert rows <= set(res) and 'ours+openvino-static' in rows
+    checks = {c['pair']: c for c in out['checks']}
+    for name in rows:
+        source = res[name]['source']
+        check = checks[f'{name} vs {source} (fp32)']
+        assert check['ok'] and check['logit_scale'] > 0.1, check
+        bound = 1e-4 if res[name]['precision'] == 'fp32' else 5e-2
+        assert check['atol'] == pytest.approx(bound *
+                                              max(1., check['logit_scale']))
+        assert res[name]['infer_img_s'] == pytest.approx(
+            2 / statistics.median(res[name]['infer_s']), rel=1e-12)
+        peak = out['meta']['gemm_peak'][res[name]['precision']]['gflops']
+        assert res[name]['infer_pct_peak'] == pytest.approx(
+            100 * out['meta']['flops_per_image'] * res[name]['infer_img_s'] /
+            1e9 / peak,
+            rel=1e-12)
+        assert res[name]['infer_img_s_vs_eager'] == pytest.approx(
+            res[name]['infer_img_s'] / res[source]['infer_img_s'], rel=1e-12)
+    # ours' rows against timm's graph in the same runtime and precision (its
+    # static graph: timm is exported static only by default)
+    for name in rows:
+        if res[name]['source'] != 'ours':
+            continue
+        other = bench.runtime_name('timm', res[name]['runtime'],
+                                   res[name]['precision'], 'static')
+        assert res[name]['vs_rows'] == {'timm': other}
+        assert res[name]['infer_img_s_vs_timm'] == pytest.approx(
+            res[name]['infer_img_s'] / res[other]['infer_img_s'], rel=1e-12)
+        if res[name]['shapes'] == 'dynamic':
+            static = name + '-static'
+            assert res[name]['infer_img_s_vs_static'] == pytest.approx(
+                res[name]['infer_img_s'] / res[static]['infer_img_s'],
+                rel=1e-12)
+    assert not any('_vs_' in k and k != 'infer_img_s_vs_eager'
+                   for k in res['timm+openvino-static'])
+    printed = capsys.readouterr().out
+    assert 'ours+openvino: inference ' in printed
+    assert 'x timm+openvino-static' in printed
