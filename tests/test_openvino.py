@@ -275,3 +275,72 @@ def test_benchmark_runtime_rows(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert 'ours+openvino: inference ' in printed
     assert 'x timm+openvino-static' in printed
+
+
+def test_static_int8_tool(tmp_path):
+    """tools/deployment/quantize_openvino.py on a small model and a small image
+    folder whose labels are the fp32 model's own predictions (so fp32 top-1 is
+    100 % by construction): the reported int8 top-1 is recomputed from the
+    written int8 IR; a loss over --max-loss writes nothing."""
+    pytest.importorskip('nncf')
+    from PIL import Image
+    spec = importlib.util.spec_from_file_location(
+        'quantize_openvino_tool',
+        osp.join(REPO, 'tools', 'deployment', 'quantize_openvino.py'))
+    qtool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qtool)
+    base = small_config(tmp_path, official=False)
+    ckpt, model = random_checkpoint(base, tmp_path)
+    mean, std = 127.5, 64.
+    g = torch.Generator().manual_seed(3)
+    data = tmp_path / 'data'
+    (data / 'img').mkdir(parents=True)
+    images = []
+    for i in range(24):
+        img = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8)
+        Image.fromarray(img.numpy()).save(data / 'img' / f'{i}.png')
+        images.append(img)
+    # mmcv loads BGR; to_rgb=True turns it back into the saved RGB
+    x = (torch.stack(images).permute(0, 3, 1, 2).float() - mean) / std
+    with torch.no_grad():
+        labels = model(x, mode='tensor').argmax(1).tolist()
+    (data / 'ann.txt').write_text(''.join(f'{i}.png {y}\n'
+                                          for i, y in enumerate(labels)))
+    cfg = tmp_path / 'int8_cfg.py'
+    loader = (f'dict(_delete_=True, batch_size=8, num_workers=0, dataset=dict('
+              f"type='CustomDataset', data_root={str(data)!r}, "
+              "ann_file='ann.txt', data_prefix='img', pipeline=[dict("
+              "type='LoadImageFromFile'), dict(type='PackInputs')]), "
+              "sampler=dict(type='DefaultSampler', shuffle=False))")
+    cfg.write_text(f'_base_ = {base!r}\n'
+                   f'data_preprocessor = dict(num_classes=10, mean=[{mean}] '
+                   f'* 3, std=[{std}] * 3, to_rgb=True)\n'
+                   f'train_dataloader = {loader}\n'
+                   f'test_dataloader = {loader}\n')
+    xml = tmp_path / 'int8.xml'
+    rc = qtool.main([
+        str(cfg), ckpt, '--output-file',
+        str(xml), '--calib-size', '16', '--max-loss', '100', '--json',
+        str(tmp_path / 'int8.json')
+    ])
+    assert rc == 0
+    with open(tmp_path / 'int8.json') as f:
+        report = json.load(f)
+    assert report['top1']['pytorch_fp32'] == 100.
+    assert report['top1']['openvino_fp32'] == 100.
+    assert report['test_images'] == 24 and report['calib_images'] == 16
+    assert report['fake_quantize_ops'] > 0
+    int8 = tool.compile_model(str(xml), 'fp32', threads=1)
+    got = int8({'input': x.numpy()})['logits'].argmax(1)
+    assert report['top1']['openvino_int8'] == pytest.approx(100. * float(
+        (got == np.array(labels)).mean()))
+    assert report['int8_loss_points'] == pytest.approx(
+        100. - report['top1']['openvino_int8'])
+    # A loss over the limit: refused, nothing written
+    xml2 = tmp_path / 'refused.xml'
+    rc = qtool.main([
+        str(cfg), ckpt, '--output-file',
+        str(xml2), '--calib-size', '8', '--max-loss', '-1'
+    ])
+    assert rc == 1 and not xml2.exists()
+    assert not (tmp_path / 'refused.bin').exists()

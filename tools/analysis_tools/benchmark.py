@@ -224,9 +224,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument(
         '--runtime-precisions',
         nargs='+',
-        choices=['fp32', 'bf16'],
+        choices=['fp32', 'bf16', 'int8'],
         default=['fp32', 'bf16'],
-        help='OpenVINO precisions (bf16 only where the CPU has it)')
+        help='OpenVINO precisions (bf16 only where the CPU has it; int8: '
+        'static int8 by NNCF post-training quantization calibrated on '
+        '--int8-calib random batches like the timed input, the other ops in '
+        'bf16 where the CPU has it: a speed figure; for accuracy see '
+        'tools/deployment/quantize_openvino.py)')
+    p.add_argument('--int8-calib', type=int, default=8)
+    p.add_argument(
+        '--onnx-dir',
+        default=None,
+        help='keep the runtime rows\' ONNX files here (<model>-<shapes>.onnx;'
+        ' e.g. for tools/analysis_tools/runtime_profile.py)')
     p.add_argument(
         '--with-cp',
         action='store_true',
@@ -649,6 +659,20 @@ def openvino_bf16() -> bool:
     return 'BF16' in caps
 
 
+def quantize_int8(ov_model, x: torch.Tensor, batches: int):
+    """``ov_model`` with static int8 (NNCF post-training quantization)
+    calibrated on ``batches`` random batches shaped and distributed like the
+    timed input ``x``."""
+    import nncf
+    g = torch.Generator().manual_seed(1234)
+    data = [torch.randn(x.shape, generator=g).numpy() for _ in range(batches)]
+    return nncf.quantize(
+        ov_model,
+        nncf.Dataset(data),
+        model_type=nncf.ModelType.TRANSFORMER,
+        subset_size=batches)
+
+
 def add_runtime_candidates(runners: Dict, x: torch.Tensor, args,
                            notes: List[str]) -> None:
     """``--onnxruntime`` / ``--openvino``: each source model exported to ONNX
@@ -681,14 +705,24 @@ def add_runtime_candidates(runners: Dict, x: torch.Tensor, args,
             notes.append('openvino bf16: this CPU has no bf16 instructions '
                          '(OpenVINO\'s CPU capabilities list no BF16), left '
                          'out')
+    if ov_tool is not None and 'int8' in args.runtime_precisions:
+        try:
+            __import__('nncf')
+            ov_precisions.append('int8')
+        except ImportError as e:
+            notes.append(f'openvino int8: nncf not installed ({e}), left out')
     threads = torch.get_num_threads()
     sources = [s for s in args.runtime_models if s in runners]
     for source in args.runtime_models:
         if source not in runners:
             notes.append(f'{source}: not a candidate of this run, its runtime '
                          'rows left out')
-    tmp = tempfile.mkdtemp(prefix='davit-bench-')
-    atexit.register(shutil.rmtree, tmp, True)
+    if args.onnx_dir:
+        tmp = args.onnx_dir
+        os.makedirs(tmp, exist_ok=True)
+    else:
+        tmp = tempfile.mkdtemp(prefix='davit-bench-')
+        atexit.register(shutil.rmtree, tmp, True)
     for source in sources:
         model = runners[source].model.eval()
         for shapes in (args.peer_export_shapes
@@ -718,6 +752,14 @@ def add_runtime_candidates(runners: Dict, x: torch.Tensor, args,
                     t0 = time.perf_counter()
                     if runtime == 'onnxruntime':
                         call = ort_session(onnx_file, threads)
+                    elif precision == 'int8':
+                        compiled = ov_tool.compile_model(
+                            quantize_int8(
+                                ov_tool.convert(onnx_file), x,
+                                args.int8_calib),
+                            'bf16' if 'bf16' in ov_precisions else 'fp32',
+                            threads)
+                        call = (lambda x, c=compiled: c(x)[0])
                     else:
                         compiled = ov_tool.compile_model(
                             ov_tool.convert(onnx_file), precision, threads)
@@ -778,7 +820,11 @@ def check_outputs(runners: Dict[str, Runner], x: torch.Tensor, args,
         ref = fp32[source]
         diff = (logits[name] - ref).abs().max().item()
         scale = ref.abs().max().item()
-        bound = (args.atol or 1e-4) if runner.precision == 'fp32' else 5e-2
+        # (int8: a speed row; its accuracy is measured on held-out data by
+        # tools/deployment/quantize_openvino.py, random weights and inputs
+        # say little about it)
+        bound = dict(
+            fp32=args.atol or 1e-4, bf16=5e-2).get(runner.precision, 0.5)
         tol = bound * max(1., scale)
         checks.append(
             dict(
@@ -1253,7 +1299,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     flops = model_flops(models['ours'].model, size, device)
     if args.peak_size > 0 and 'infer' not in args.skip:
         for precision in sorted({r.precision for r in runners.values()}):
-            peaks[precision] = gemm_peak(precision, args.peak_size, device)
+            if precision in DTYPES:  # (no int8 peak: int8 rows get GFLOP/s)
+                peaks[precision] = gemm_peak(precision, args.peak_size, device)
     if 'infer' not in args.skip:
         fns = {
             n: (lambda r=r: r.infer(x))
