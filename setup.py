@@ -119,13 +119,14 @@ setup(
     extras_require={
         'tests': [
             'pytest', 'timm>=1.0', 'scikit-learn', 'onnx', 'onnxruntime',
-            'onnxscript', 'openvino', 'pre-commit', 'safetensors', 'peft'
+            'onnxscript', 'openvino', 'nncf', 'pre-commit', 'safetensors',
+            'peft'
         ],
         # .safetensors checkpoints (e.g. Florence-2's model.safetensors).
         'safetensors': ['safetensors'],
         # tools/deployment/pytorch2onnx.py (onnxruntime: --verify) and
-        # pytorch2openvino.py
-        'deploy': ['onnx', 'onnxscript', 'onnxruntime', 'openvino'],
+        # pytorch2openvino.py, quantize_openvino.py (nncf: static int8)
+        'deploy': ['onnx', 'onnxscript', 'onnxruntime', 'openvino', 'nncf'],
         # Detection and segmentation (configs/det, configs/seg). Both need
         # mmcv < 2.2 with its compiled ops, which PyPI has as source only:
         # install it first with tools/install_mmcv.sh.
