@@ -127,6 +127,8 @@ setup(
             'onnx',
             'onnxruntime',
             'onnxscript',
+            'openvino',
+            'nncf',
             'pre-commit',
             'safetensors',
             'peft',
@@ -136,8 +138,9 @@ setup(
         ],
         # .safetensors checkpoints (e.g. Florence-2's model.safetensors).
         'safetensors': ['safetensors'],
-        # tools/deployment/pytorch2onnx.py (onnxruntime: --verify)
-        'deploy': ['onnx', 'onnxscript', 'onnxruntime'],
+        # tools/deployment/pytorch2onnx.py (onnxruntime: --verify) and
+        # pytorch2openvino.py, quantize_openvino.py (nncf: static int8)
+        'deploy': ['onnx', 'onnxscript', 'onnxruntime', 'openvino', 'nncf'],
         # Detection and segmentation (configs/det, configs/seg). Both need
         # mmcv < 2.2 with its compiled ops, which PyPI has as source only:
         # install it first with tools/install_mmcv.sh.

@@ -8,6 +8,7 @@ inverted ratio, a mean for a median, a wrong batch fails).
 """
 import importlib.util
 import json
+import math
 import os.path as osp
 import statistics
 
@@ -34,7 +35,8 @@ def result(tmp_path_factory):
         '--arch', TINY, '--batch',
         str(BATCH), '--img-size', '112', '--iters',
         str(ITERS), '--warmup', '0', '--threads', '1', '--with-cp',
-        '--fast-paths-off', 'norm_ffn_saving', '--profile', '5', '--json',
+        '--fast-paths-off', 'norm_ffn_saving', '--profile', '5', '--peak-size',
+        '128', '--json',
         str(out)
     ])
     with open(out) as f:
@@ -88,6 +90,66 @@ def test_throughput_and_ratios_follow_from_the_timings(result):
         rel=1e-12)
     # peers get no ratios of their own
     assert not any('_vs_' in k for p in peers for k in res[p])
+
+
+def davit_flops(embed, depths, heads, H, W, classes, window=7):
+    """FLOPs (2 x multiply-adds of convolutions and matrix products) of the
+    DaViT classifier on one H x W image, counted by hand: the oracle of the
+    tool's count.
+
+    Window attention runs on maps padded to whole windows.
+    """
+    h, w = math.ceil(H / 4), math.ceil(W / 4)
+    total = 2 * h * w * embed * 3 * 49  # 7x7 stem conv
+    C = embed
+    for i, (depth, nh) in enumerate(zip(depths, heads)):
+        N = h * w
+        Np = math.ceil(h / window) * math.ceil(w / window) * window**2
+        per_block = (
+            4 * 2 * N * C * 9  # four depthwise 3x3 position encodings
+            + 2 * Np * C * 4 * C + 4 * Np * window**2 * C  # window attention
+            + 2 * N * C * 4 * C + 4 * N * C * (C // nh)  # channel attention
+            + 2 * 16 * N * C * C)  # two FFNs (C -> 4C -> C)
+        total += depth * per_block
+        if i < len(depths) - 1:
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+            total += 2 * h * w * 2 * C * C * 4  # 2x2 stride-2 conv
+            C *= 2
+    return total + 2 * C * classes  # head
+
+
+def test_flop_count_against_a_count_by_hand(result):
+    arch = json.loads(TINY)
+    assert result['meta']['flops_per_image'] == davit_flops(
+        arch['embed_dims'], arch['depths'], arch['num_heads'], 112, 112, 1000)
+    # DaViT-T at 224: the 4.5 G multiply-adds of the paper
+    assert davit_flops(96, [1, 1, 3, 1], [3, 6, 12, 24], 224, 224,
+                       1000) == pytest.approx(
+                           2 * 4.52e9, rel=0.01)
+
+
+def test_peak_and_gflops_columns_follow_from_the_json(result):
+    """GFLOP/s = FLOPs per image x img/s; % peak = GFLOP/s over the measured
+    GEMM peak of the row's precision (the faster of the timed kernels)."""
+    flops = result['meta']['flops_per_image']
+    peaks = result['meta']['gemm_peak']
+    assert set(peaks) == {'fp32'}
+    peak = peaks['fp32']
+    assert peak['size'] == 128 and peak['gflops'] == max(
+        peak['kernels'].values()) > 0
+    assert peak['kernel'] in peak['kernels']
+    checked = 0
+    for name, res in result['results'].items():
+        if 'infer_img_s' not in res:
+            assert 'infer_gflops' not in res  # ours-cp: training only
+            continue
+        assert res['precision'] == 'fp32'
+        assert res['infer_gflops'] == pytest.approx(
+            flops * res['infer_img_s'] / 1e9, rel=1e-12)
+        assert res['infer_pct_peak'] == pytest.approx(
+            100 * res['infer_gflops'] / peak['gflops'], rel=1e-12)
+        checked += 1
+    assert checked == 4  # ours, ours-official, timm, ours-off
 
 
 def test_profile_shares(result):
@@ -228,3 +290,47 @@ def test_compiled_peers_are_compared_with_compiled_ours(
         ])
     import torch._inductor.config as inductor_config
     assert not inductor_config.freezing  # not left on by the failed compile
+
+
+def test_size_sweep(tmp_path):
+    """``--sizes``: per size the tokens, FLOPs (the count by hand), img/s from
+    the timings, tokens/s and peak memory of each candidate; a peer that
+    refuses a size is left out there with a note; JSON and PNG written."""
+    pytest.importorskip('timm')
+    out = tmp_path / 'sweep.json'
+    result = load_tool().main([
+        '--arch', TINY, '--sizes', '56', '48x80', '--iters', '2', '--warmup',
+        '0', '--threads', '1', '--no-official', '--json',
+        str(out)
+    ])
+    with open(out) as f:
+        assert json.load(f)['sweep'] == result['sweep']
+    arch = json.loads(TINY)
+    (square, wide) = result['sweep']
+    assert square['size'] == [56, 56] and wide['size'] == [48, 80]
+    assert square['tokens'] == 14 * 14 and wide['tokens'] == 12 * 20
+    for point in result['sweep']:
+        h, w = point['size']
+        assert point['flops_per_image'] == davit_flops(arch['embed_dims'],
+                                                       arch['depths'],
+                                                       arch['num_heads'], h, w,
+                                                       1000)
+        assert set(point['results']) == {'ours', 'timm'}
+        for res in point['results'].values():
+            img_s = 1 / statistics.median(res['infer_s'])  # batch 1
+            assert res['infer_img_s'] == pytest.approx(img_s, rel=1e-12)
+            assert res['tokens_s'] == pytest.approx(
+                img_s * point['tokens'], rel=1e-12)
+            assert res['infer_peak_mb'] > 0
+    # activations grow with the map
+    assert wide['results']['ours']['infer_peak_mb'] > \
+        square['results']['ours']['infer_peak_mb']
+    assert any(
+        n.startswith('mmpretrain at 56x56: cannot run')
+        for n in result['notes'])
+    png = tmp_path / 'sweep.png'
+    if importlib.util.find_spec('matplotlib'):
+        assert result['plot'] == str(png)
+        assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    with pytest.raises(SystemExit, match='--sizes: expected S or HxW'):
+        load_tool().main(['--arch', TINY, '--sizes', '0x5'])

@@ -419,26 +419,74 @@ def test_peft_lora_trains_every_adapter_and_train_equals_eval():
 
 
 # ----------------------------------------------------------------- int8
-def test_quantize_dynamic_error_within_mmpretrain():
-    """int8 logit error of ours and of mmpretrain's DaViT, same weights.
+def timm_pair(arch, num_classes=10):
+    """Our classifier with the original forward (``official=True``) and timm's
+    DaVit, with the same random weights: the same function."""
+    timm = pytest.importorskip('timm')
+    from mmpretrain.models import ImageClassifier
 
-    Every quantized Linear sees the same input in both models (to fp32
-    rounding), but a 1e-6 change of an activation can move a value across an
-    int8 rounding step and the difference grows from layer to layer: the two
-    errors are draws of one distribution (over a few inputs ours was lower on
-    some and higher on others, and mmpretrain's own error moved as much for the
-    input times 1 + 1e-6 noise). Hence the margin of the bf16 bounds.
+    from davit_ext.weights.layouts import mmpretrain_to_timm
+    torch.manual_seed(0)
+    n = len(arch['depths'])
+    ours = ImageClassifier(
+        backbone=dict(
+            type='davit_ext.DaViT',
+            arch=dict(arch),
+            drop_path_rate=0.,
+            official=True),
+        head=dict(
+            type='LinearClsHead',
+            num_classes=num_classes,
+            in_channels=arch['embed_dims'] * 2**(n - 1)))
+    with torch.no_grad():  # non-trivial norms and head
+        for name, p in ours.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+        ours.head.fc.weight.normal_(std=0.5)
+    ref = timm.models.davit.DaVit(
+        depths=tuple(arch['depths']),
+        embed_dims=tuple(arch['embed_dims'] * 2**i for i in range(n)),
+        num_heads=tuple(arch['num_heads']),
+        num_classes=num_classes)
+    ref.load_state_dict(mmpretrain_to_timm(ours.state_dict(), n), strict=True)
+    return ref.eval(), ours.eval()
+
+
+def test_quantize_dynamic_error_within_timm():
+    """int8 logit error of ours and of timm's DaViT, same weights.
+
+    timm's DaViT, like ours, has every linear layer as an ``nn.Linear``, so
+    ``quantize_dynamic`` quantizes all of them in both (mmpretrain's FFN layers
+    are mmcv ``Linear`` subclasses that it skips: half its layers, so its error
+    measures less quantization). Every quantized Linear sees the same input in
+    both models (to fp32 rounding), but a 1e-6 change of an activation can move
+    a value across an int8 rounding step and the difference grows from layer to
+    layer: the two errors are draws of one distribution. Hence the margin of
+    the bf16 bounds.
     """
-    ref, ours = build_pair(ARCH32, 256, drop_path_rate=0., pad_small_map=True)
+    ref, ours = timm_pair(ARCH32)
     x = torch.randn(4, 3, 224, 224)
-    errors = []
-    for model in (ref, ours):
+    with torch.no_grad():
+        fp32 = ours(x, mode='tensor')
+        torch.testing.assert_close(ref(x), fp32, rtol=1e-4, atol=1e-4)
+    errors, quantized = [], []
+    for model, call in ((ref, lambda m: m(x)),
+                        (ours, lambda m: m(x, mode='tensor'))):
+        linears = sum(type(m) is nn.Linear for m in model.modules())
         q = torch.ao.quantization.quantize_dynamic(
             model, {nn.Linear}, dtype=torch.qint8)
         assert not any(type(m) is nn.Linear for m in q.modules())
+        quantized.append(
+            (linears,
+             sum(
+                 isinstance(m, torch.ao.nn.quantized.dynamic.Linear)
+                 for m in q.modules())))
         with torch.no_grad():
-            err = (q(x, mode='tensor') - model(x, mode='tensor')).abs()
+            err = (call(q) - fp32).abs()
         errors.append((err.mean().item(), err.max().item()))
+    print('int8 |logit error| (mean, max): timm, ours', errors)
+    # 5 blocks x 2 halves x (qkv, proj, fc1, fc2) + the head, all int8
+    assert quantized == [(41, 41), (41, 41)]
     (ref_mean, ref_max), (mean, max_) = errors
     assert 0 < mean <= 1.05 * ref_mean, errors
     assert max_ <= 1.2 * ref_max, errors

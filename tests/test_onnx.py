@@ -248,7 +248,7 @@ def test_benchmark_onnxruntime_row(capsys):
     finally:
         torch.set_num_threads(threads)
     (check, ) = out['checks']
-    assert check['pair'] == 'ours+onnxruntime vs ours' and check['ok']
+    assert check['pair'] == 'ours+onnxruntime vs ours (fp32)' and check['ok']
     assert check['max_abs_diff'] <= 1e-4 * max(1., check['logit_scale'])
     res = out['results']['ours+onnxruntime']
     assert len(res['infer_s']) == 2 and res['infer_img_s'] > 0

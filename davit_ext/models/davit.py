@@ -47,13 +47,14 @@ from . import fast_paths
 
 
 def _reshape(x: Tensor, shape: Tuple) -> Tensor:
-    """``x.reshape(shape)``; when exporting, always as a copy.
+    """``x.reshape(shape)``; when exporting with dynamic shapes, always as a
+    copy.
 
     Whether a reshape can be a view depends on which sizes are 1 (e.g. one
     window per row): the exporter would freeze that answer for the example's
     size. A copy first makes the view valid for every size.
     """
-    if fast_paths.is_exporting():
+    if fast_paths.is_symbolic(*x.shape):
         return x.clone(memory_format=torch.contiguous_format).view(shape)
     return x.reshape(shape)
 
@@ -102,7 +103,13 @@ class ConvPosEnc(nn.Module):
         if out is not None:
             return out
         # The NHWC map is a channels-last NCHW tensor: no copy either way.
-        return x + self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        nchw = x.permute(0, 3, 1, 2)
+        if fast_paths.is_exporting():
+            # The same sum in NCHW (exported graphs): OpenVINO then adds in
+            # the conv's own layout and reads both transposes as layout
+            # changes, instead of reordering the map twice per encoding.
+            return (nchw + self.proj(nchw)).permute(0, 2, 3, 1)
+        return x + self.proj(nchw).permute(0, 2, 3, 1)
 
 
 class FFN(nn.Module):
@@ -202,14 +209,14 @@ class WindowAttention(nn.Module):
         if not self.pad_small_map:
             wh, ww = _sym_min(wh, H), _sym_min(ww, W)
         # Pad right/bottom after the norm and attend over the zeros without a
-        # mask: what the original model (and mmpretrain) does. Exported
-        # graphs pad (possibly by 0) whatever the size: see
-        # fast_paths.is_exporting.
+        # mask: what the original model (and mmpretrain) does. Graphs of
+        # dynamic shapes pad (possibly by 0) whatever the size: see
+        # fast_paths.is_symbolic (static graphs skip a pad by 0: a copy).
         # (ceil(H / wh) * wh - H: floor division only, which keeps the
         # exporter's symbolic sizes simple.)
         nh, nw = (H + wh - 1) // wh, (W + ww - 1) // ww
         pad_b, pad_r = nh * wh - H, nw * ww - W
-        padded = fast_paths.is_exporting() or bool(pad_b or pad_r)
+        padded = fast_paths.is_symbolic(H, W) or bool(pad_b or pad_r)
         if padded:
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         windows = _reshape(
@@ -303,6 +310,8 @@ class AttentionBlock(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x: Tensor) -> Tensor:
+        if fast_paths.is_exporting():
+            return self._forward_tokens(x)
         x = self.cpe1(x)
         out = None
         if not self.training or self.drop_path == 0:
@@ -322,6 +331,25 @@ class AttentionBlock(nn.Module):
         if branch is None:
             branch = self.ffn(self.norm2(x))
         return x + drop_path(branch, self.drop_path, self.training)
+
+    def _forward_tokens(self, x: Tensor) -> Tensor:
+        """The same math on (B, H * W, C) tokens: the exported graph's form.
+
+        Only reshapes differ from :meth:`forward` (same module calls, same
+        values). Deployment runtimes pick their kernels by rank: OpenVINO
+        fuses a LayerNorm over the last dim of a 3-D tensor into one MVN
+        (over a 4-D map into ReduceMean + RMS) and runs fc1 + GELU of 3-D
+        tokens as a 1x1 convolution (faster than its 4-D GEMM).
+        """
+        B, H, W, C = x.shape
+        x = self.cpe1(x).reshape(B, H * W, C)
+        branch = self.attn(self.norm1(x).view(B, H, W, C))
+        x = x + drop_path(
+            branch.reshape(B, H * W, C), self.drop_path, self.training)
+        x = self.cpe2(x.view(B, H, W, C)).reshape(B, H * W, C)
+        x = x + drop_path(
+            self.ffn(self.norm2(x)), self.drop_path, self.training)
+        return x.view(B, H, W, C)
 
 
 class DaViTBlock(nn.Module):
@@ -399,10 +427,10 @@ class Downsample(nn.Module):
         H, W = x.shape[1:3]
         if self.projection.kernel_size[0] != 2:
             pass  # an odd kernel pads inside the conv
-        elif fast_paths.is_exporting():
-            # One zero row/column whatever the size (see
-            # fast_paths.is_exporting): the 2x2 stride-2 conv never reads it
-            # on an even map.
+        elif fast_paths.is_symbolic(H, W):
+            # A graph of dynamic shapes: one zero row/column whatever the
+            # size (see fast_paths.is_symbolic): the 2x2 stride-2 conv never
+            # reads it on an even map.
             x = F.pad(x, (0, 0, 0, 1, 0, 1))
         elif H % 2 or W % 2:
             x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))

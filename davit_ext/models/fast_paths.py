@@ -130,6 +130,15 @@ def is_exporting() -> bool:
     return bool(exporting and exporting())
 
 
+def is_symbolic(*sizes) -> bool:
+    """True under ``torch.export`` with dynamic shapes, where these sizes are
+    symbols: the graph must then hold for every size.
+
+    A static export sees plain ints and may branch on them like eager code.
+    """
+    return is_exporting() and any(isinstance(s, torch.SymInt) for s in sizes)
+
+
 def is_capturing() -> bool:
     """True while a tracer, compiler or exporter records the model."""
     return (torch.jit.is_tracing() or torch.jit.is_scripting()

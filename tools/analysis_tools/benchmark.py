@@ -19,11 +19,32 @@ Candidates (one classifier each, 1000 classes unless ``--num-classes``):
 - ``ours-off``      ``ours`` with the fast paths named by ``--fast-paths-off``
                     switched off (``davit_ext.models.fast_paths.turned_off``):
                     an A/B of those paths on your CPU, in the same run
-- ``ours+onnxruntime`` ``ours`` exported by
-                    ``tools/deployment/pytorch2onnx.py`` (dynamic batch,
-                    height and width) and run by onnxruntime on the CPU with
-                    ``--threads`` intra-op threads (``--onnx``, inference
-                    only, fp32)
+- ``<model>+onnxruntime``, ``<model>+openvino``, ``<model>+openvino-bf16``
+                    (``--onnxruntime`` / ``--openvino``; ``--onnx`` is
+                    ``--onnxruntime``): each of ``--runtime-models`` (ours
+                    and the peers) exported the same way by
+                    ``tools/deployment/pytorch2onnx.py`` (dynamic N, H, W;
+                    ``-static`` rows: fixed at the run's input, see
+                    ``--export-shapes``; the peers static by default) and
+                    run on the CPU by onnxruntime (fp32) or, converted by
+                    ``openvino.convert_model``, by OpenVINO (fp32, and bf16
+                    where the CPU has it) with ``--threads`` threads
+                    (inference only). Each is checked against the fp32
+                    logits of the model it came from (1e-4, bf16 5e-2, times
+                    the logits' scale where above 1), and ours' rows are
+                    compared with the peer's graph in the same runtime and
+                    precision (its static one where it has no dynamic one).
+
+The machine's limit: once per run and precision the tool times one large
+GEMM (``--peak-size``, 2048^3 by default) with ``torch.mm`` and oneDNN's
+linear and keeps the faster as the peak; every inference row then gets
+``GFLOP/s`` (the model's FLOPs per image, counted once by
+``torch.utils.flop_counter``, times img/s) and ``% peak`` (that over the
+peak of the row's precision).
+
+``--sizes 224 384 512 768 1024 600x1000`` runs a size sweep instead:
+inference img/s, tokens/s and peak memory of the eager candidates at each
+size (batch ``--sweep-batch``), a JSON and a PNG plot.
 
 Every candidate gets the weights of ``ours`` (renamed to timm's layout for
 timm), with random LayerNorm affines and biases so that a tensor landing in
@@ -74,13 +95,16 @@ This is a tool, not a test: timings on a shared machine are noisy, only
 ratios from one interleaved run mean anything.
 """
 import argparse
+import atexit
 import contextlib
 import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Tuple
@@ -99,12 +123,10 @@ DTYPES = dict(fp32=None, bf16=torch.bfloat16, fp16=torch.float16)
 # Candidates compared with each other before timing: (ours, reference).
 CHECK_PAIRS = [('ours', 'mmpretrain'), ('ours-official', 'timm'),
                ('ours+compile', 'ours'), ('ours-off', 'ours'),
-               ('ours+onnxruntime', 'ours'),
                ('mmpretrain+compile', 'mmpretrain'), ('timm+compile', 'timm')]
 COMPILED = '+compile'  # suffix of the compiled candidates
 OFF_NAME = 'ours-off'
 
-ONNX_NAME = 'ours+onnxruntime'
 PEERS = ('mmpretrain', 'timm')
 
 
@@ -165,10 +187,56 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help='torch.compile mode, e.g. '
         'max-autotune')
     p.add_argument(
+        '--onnxruntime',
         '--onnx',
         action='store_true',
-        help='add ours+onnxruntime: ours exported to ONNX, run by '
+        help='add <model>+onnxruntime rows: each of --runtime-models '
+        'exported to ONNX (tools/deployment/pytorch2onnx.py) and run by '
         'onnxruntime (CPU, fp32, inference)')
+    p.add_argument(
+        '--openvino',
+        action='store_true',
+        help='add <model>+openvino rows (fp32) and <model>+openvino-bf16 '
+        '(where the CPU has bf16): the same ONNX files converted by '
+        'openvino.convert_model')
+    p.add_argument(
+        '--export-shapes',
+        nargs='+',
+        choices=['dynamic', 'static'],
+        default=['dynamic'],
+        help='runtime rows: graphs with dynamic N, H, W (default) and/or '
+        'static at the run\'s input (rows named ...-static)')
+    p.add_argument(
+        '--peer-export-shapes',
+        nargs='+',
+        choices=['dynamic', 'static'],
+        default=['static'],
+        help='shapes of the peers\' runtime graphs (default static: '
+        'timm\'s DaViT did not finish a dynamic torch.export in minutes); '
+        'ours\' dynamic rows are compared with the peer\'s static graph '
+        'where the peer has no dynamic one')
+    p.add_argument(
+        '--runtime-models',
+        nargs='+',
+        default=['ours', 'timm', 'mmpretrain'],
+        help='candidates exported for the runtime rows (default: ours timm '
+        'mmpretrain)')
+    p.add_argument(
+        '--runtime-precisions',
+        nargs='+',
+        choices=['fp32', 'bf16', 'int8'],
+        default=['fp32', 'bf16'],
+        help='OpenVINO precisions (bf16 only where the CPU has it; int8: '
+        'static int8 by NNCF post-training quantization calibrated on '
+        '--int8-calib random batches like the timed input, the other ops in '
+        'bf16 where the CPU has it: a speed figure; for accuracy see '
+        'tools/deployment/quantize_openvino.py)')
+    p.add_argument('--int8-calib', type=int, default=8)
+    p.add_argument(
+        '--onnx-dir',
+        default=None,
+        help='keep the runtime rows\' ONNX files here (<model>-<shapes>.onnx;'
+        ' e.g. for tools/analysis_tools/runtime_profile.py)')
     p.add_argument(
         '--with-cp',
         action='store_true',
@@ -222,8 +290,48 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help='CPU: after timing, profile each eager candidate\'s inference '
         'and training step (torch.profiler, self CPU time) and print its GEMM '
         'share and top N ops')
+    p.add_argument(
+        '--peak-size',
+        type=int,
+        default=2048,
+        metavar='N',
+        help='side of the square GEMM timed once per run and precision to '
+        'measure the machine\'s peak GFLOP/s (0: skip the peak and the %% '
+        'of peak column)')
+    p.add_argument(
+        '--sizes',
+        nargs='+',
+        default=None,
+        metavar='S|HxW',
+        help='size sweep instead of the single-size table: inference img/s, '
+        'tokens/s and peak memory of the eager candidates at each input '
+        'size (e.g. 224 384 512 768 1024 600x1000), at --sweep-batch')
+    p.add_argument(
+        '--sweep-batch',
+        type=int,
+        default=1,
+        help='batch of the size sweep (default 1)')
+    p.add_argument(
+        '--plot',
+        default=None,
+        help='size sweep: write a PNG plot here (default: the --json path '
+        'with .png; needs matplotlib)')
     p.add_argument('--json', default=None, help='write the results here')
     return p.parse_args(argv)
+
+
+def parse_size(text: str) -> Tuple[int, int]:
+    """``'512'`` -> (512, 512); ``'600x1000'`` -> (600, 1000)."""
+    try:
+        parts = [int(v) for v in text.lower().split('x')]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise SystemExit(f'--sizes: expected S or HxW with positive sizes '
+                         f'(e.g. 512 or 600x1000); got {text!r}')
+    return parts[0], parts[1]
 
 
 # --------------------------------------------------------------- building
@@ -422,6 +530,7 @@ class Runner:
         self.optimizer = None
         self.compile_s = {}
         self.off: Tuple[str, ...] = ()  # fast paths switched off
+        self.precision = args.dtype  # of its GEMMs: which peak applies
 
     def _paths(self):
         from davit_ext.models import fast_paths
@@ -484,58 +593,184 @@ def compile_candidate(runner: Runner, x: torch.Tensor, xt: torch.Tensor,
         runner.optimizer = None
 
 
-class OnnxRunner:
-    """``ours`` as an ONNX file in onnxruntime: the ``Runner.infer`` call.
+def _load_deployment_tool(name: str):
+    """``tools/deployment/<name>.py`` as a module."""
+    import importlib.util
+    folder = os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), '..', 'deployment')
+    if folder not in sys.path:  # pytorch2openvino imports pytorch2onnx
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(folder, name + '.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
 
-    The file is what ``tools/deployment/pytorch2onnx.py --dynamic-export``
-    writes for these weights; onnxruntime gets the same thread count as torch
-    (``--threads``, intra-op; one inter-op thread).
+
+class RuntimeRunner:
+    """A candidate exported to ONNX and run by a deployment runtime (CPU): the
+    ``Runner.infer`` call.
+
+    ``source`` is the eager candidate it was exported from (``ours``, ``timm``,
+    ...): the file is what ``tools/deployment/pytorch2onnx.py`` writes for it
+    (dynamic N, H, W, or static at the run's input), run by onnxruntime or,
+    converted by ``openvino.convert_model``, by OpenVINO, with torch's thread
+    count (``--threads``).
     """
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, args) -> None:
-        import importlib.util
-        import tempfile
-
-        import onnxruntime as ort
-        path = os.path.join(
-            os.path.dirname(os.path.abspath(__file__)), '..', 'deployment',
-            'pytorch2onnx.py')
-        spec = importlib.util.spec_from_file_location('pytorch2onnx', path)
-        tool = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(tool)
-        self.name = ONNX_NAME
+    def __init__(self, name: str, source: str, runtime: str, precision: str,
+                 shapes: str, call: Callable, compile_s: Dict) -> None:
+        self.name, self.source, self.runtime = name, source, runtime
+        self.precision, self.shapes = precision, shapes
         self.device = torch.device('cpu')
-        with tempfile.TemporaryDirectory() as tmp:
-            onnx_file = os.path.join(tmp, 'ours.onnx')
-            t0 = time.perf_counter()
-            tool.export(model.eval(), onnx_file, x.shape[2:], dynamic=True)
-            self.compile_s = {'onnx export': time.perf_counter() - t0}
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()
-            options.inter_op_num_threads = 1
-            # No busy-waiting after a run: spinning threads take the cores
-            # from the candidate timed next (with 2 threads ours, timed
-            # right after onnxruntime, still runs slow: see the README).
-            options.add_session_config_entry('session.intra_op.allow_spinning',
-                                             '0')
-            self.session = ort.InferenceSession(
-                onnx_file, options, providers=['CPUExecutionProvider'])
+        self.compile_s = compile_s
+        self._call = call
 
     def infer(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {'input': x.contiguous().numpy()})[0]
-        return torch.from_numpy(out)
+        return torch.from_numpy(self._call(x.contiguous().numpy()))
 
 
-def add_onnx_candidate(runners: Dict, model: nn.Module, x: torch.Tensor, args,
-                       notes: List[str]) -> None:
-    """Add ``ours+onnxruntime`` to ``runners`` (``--onnx``), or a note."""
-    if args.device != 'cpu' or args.dtype != 'fp32':
-        notes.append(f'{ONNX_NAME}: CPU fp32 only, left out')
+def runtime_name(source: str, runtime: str, precision: str,
+                 shapes: str) -> str:
+    """``ours+openvino-bf16-static``: source, runtime, non-fp32 precision,
+    static shapes (dynamic is the default, unnamed)."""
+    return (f'{source}+{runtime}' +
+            ('' if precision == 'fp32' else f'-{precision}') +
+            ('-static' if shapes == 'static' else ''))
+
+
+def ort_session(onnx_file: str, threads: int) -> Callable:
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # No busy-waiting after a run: spinning threads take the cores from the
+    # candidate timed next.
+    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+    session = ort.InferenceSession(
+        onnx_file, options, providers=['CPUExecutionProvider'])
+    return lambda x: session.run(None, {'input': x})[0]
+
+
+def openvino_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin runs bf16 here (AVX512-BF16 or AMX)."""
+    import openvino as ov
+    caps = ov.Core().get_property('CPU', 'OPTIMIZATION_CAPABILITIES')
+    return 'BF16' in caps
+
+
+def quantize_int8(ov_model, x: torch.Tensor, batches: int):
+    """``ov_model`` with static int8 (NNCF post-training quantization)
+    calibrated on ``batches`` random batches shaped and distributed like the
+    timed input ``x``."""
+    import nncf
+    g = torch.Generator().manual_seed(1234)
+    data = [torch.randn(x.shape, generator=g).numpy() for _ in range(batches)]
+    return nncf.quantize(
+        ov_model,
+        nncf.Dataset(data),
+        model_type=nncf.ModelType.TRANSFORMER,
+        subset_size=batches)
+
+
+def add_runtime_candidates(runners: Dict, x: torch.Tensor, args,
+                           notes: List[str]) -> None:
+    """``--onnxruntime`` / ``--openvino``: each source model exported to ONNX
+    the same way (once per shape mode) and run by each runtime asked for, in
+    fp32, and with OpenVINO in bf16 where the CPU has it; or a note."""
+    if args.device != 'cpu':
+        notes.append('--onnxruntime/--openvino: CPU only, left out')
         return
-    try:
-        runners[ONNX_NAME] = OnnxRunner(model, x, args)
-    except ImportError as e:
-        notes.append(f'{ONNX_NAME}: not installed ({e}), left out')
+    runtimes = []
+    for flag, module, runtime in ((args.onnxruntime, 'onnxruntime',
+                                   'onnxruntime'), (args.openvino, 'openvino',
+                                                    'openvino')):
+        if not flag:
+            continue
+        try:
+            __import__(module)
+            runtimes.append(runtime)
+        except ImportError as e:
+            notes.append(f'{runtime}: not installed ({e}), its rows left out')
+    if not runtimes:
+        return
+    onnx_tool = _load_deployment_tool('pytorch2onnx')
+    ov_tool = _load_deployment_tool('pytorch2openvino') \
+        if 'openvino' in runtimes else None
+    ov_precisions = ['fp32']
+    if ov_tool is not None and 'bf16' in args.runtime_precisions:
+        if openvino_bf16():
+            ov_precisions.append('bf16')
+        else:
+            notes.append('openvino bf16: this CPU has no bf16 instructions '
+                         '(OpenVINO\'s CPU capabilities list no BF16), left '
+                         'out')
+    if ov_tool is not None and 'int8' in args.runtime_precisions:
+        try:
+            __import__('nncf')
+            ov_precisions.append('int8')
+        except ImportError as e:
+            notes.append(f'openvino int8: nncf not installed ({e}), left out')
+    threads = torch.get_num_threads()
+    sources = [s for s in args.runtime_models if s in runners]
+    for source in args.runtime_models:
+        if source not in runners:
+            notes.append(f'{source}: not a candidate of this run, its runtime '
+                         'rows left out')
+    if args.onnx_dir:
+        tmp = args.onnx_dir
+        os.makedirs(tmp, exist_ok=True)
+    else:
+        tmp = tempfile.mkdtemp(prefix='davit-bench-')
+        atexit.register(shutil.rmtree, tmp, True)
+    for source in sources:
+        model = runners[source].model.eval()
+        for shapes in (args.peer_export_shapes
+                       if source in PEERS else args.export_shapes):
+            onnx_file = os.path.join(tmp, f'{source}-{shapes}.onnx')
+            t0 = time.perf_counter()
+            try:
+                onnx_tool.export(
+                    model,
+                    onnx_file,
+                    x.shape[2:],
+                    dynamic=shapes == 'dynamic',
+                    batch=x.shape[0])
+            except Exception as e:  # a peer whose graph does not export
+                first = str(e).strip().splitlines()[0] if str(e) else ''
+                notes.append(f'{source}: ONNX export ({shapes} shapes) '
+                             f'failed ({type(e).__name__}: {first[:200]}), '
+                             'its runtime rows left out')
+                continue
+            export_s = time.perf_counter() - t0
+            for runtime in runtimes:
+                precisions = ov_precisions if runtime == 'openvino' else [
+                    'fp32'
+                ]
+                for precision in precisions:
+                    name = runtime_name(source, runtime, precision, shapes)
+                    t0 = time.perf_counter()
+                    if runtime == 'onnxruntime':
+                        call = ort_session(onnx_file, threads)
+                    elif precision == 'int8':
+                        compiled = ov_tool.compile_model(
+                            quantize_int8(
+                                ov_tool.convert(onnx_file), x,
+                                args.int8_calib),
+                            'bf16' if 'bf16' in ov_precisions else 'fp32',
+                            threads)
+                        call = (lambda x, c=compiled: c(x)[0])
+                    else:
+                        compiled = ov_tool.compile_model(
+                            ov_tool.convert(onnx_file), precision, threads)
+                        call = (lambda x, c=compiled: c(x)[0])
+                    compile_s = {
+                        'onnx export': export_s,
+                        f'{runtime} load': time.perf_counter() - t0
+                    }
+                    runners[name] = RuntimeRunner(name, source, runtime,
+                                                  precision, shapes, call,
+                                                  compile_s)
 
 
 # ----------------------------------------------------------------- phases
@@ -569,6 +804,35 @@ def check_outputs(runners: Dict[str, Runner], x: torch.Tensor, args,
                     logit_scale=scale,
                     atol=tol,
                     ok=diff <= tol))
+    # Runtime rows against the fp32 forward of the model they were exported
+    # from: 1e-4 (bf16 rows 5e-2) times the logits' scale where above 1.
+    fp32 = {}
+    for name, runner in runners.items():
+        source = getattr(runner, 'source', None)
+        if source is None or source not in runners:
+            continue
+        if source not in fp32:
+            if args.dtype == 'fp32':
+                fp32[source] = logits[source]
+            else:
+                with torch.inference_mode():
+                    fp32[source] = runners[source].model.eval()(x).float()
+        ref = fp32[source]
+        diff = (logits[name] - ref).abs().max().item()
+        scale = ref.abs().max().item()
+        # (int8: a speed row; its accuracy is measured on held-out data by
+        # tools/deployment/quantize_openvino.py, random weights and inputs
+        # say little about it)
+        bound = dict(
+            fp32=args.atol or 1e-4, bf16=5e-2).get(runner.precision, 0.5)
+        tol = bound * max(1., scale)
+        checks.append(
+            dict(
+                pair=f'{name} vs {source} (fp32)',
+                max_abs_diff=diff,
+                logit_scale=scale,
+                atol=tol,
+                ok=diff <= tol))
     return checks
 
 
@@ -658,12 +922,117 @@ def peak_memory(fn: Callable, device: torch.device) -> float:
     return float(peak)
 
 
+# ------------------------------------------------------- peak and FLOPs
+def model_flops(model: nn.Module, size: Tuple[int, int],
+                device: torch.device) -> int:
+    """FLOPs of one image through ``model``: 2 x the multiply-adds of its
+    convolutions and matrix products (``torch.utils.flop_counter``; norms,
+    softmax, GELU and additions are not counted, as usual).
+
+    Counted with every fast path off, so that the counter sees the module
+    calls' ops (it does not know oneDNN's linear). Every candidate computes the
+    same function with the same weights, so one count serves all rows.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from davit_ext.models import fast_paths
+    x = torch.zeros(1, 3, *size, device=device)
+    with torch.no_grad(), fast_paths.turned_off(
+            *fast_paths.FAST_PATH_NAMES), FlopCounterMode(
+                display=False) as counter:
+        model.eval()(x)
+    return int(counter.get_total_flops())
+
+
+def gemm_peak(precision: str,
+              n: int,
+              device: torch.device,
+              iters: int = 5) -> Dict:
+    """GFLOP/s of one large (n x n x n) GEMM in ``precision``: the machine's
+    reachable limit for a model whose work is matrix products.
+
+    On CPU both kernels PyTorch has are timed, ``torch.mm`` (MKL in fp32,
+    oneDNN in bf16) and oneDNN's linear
+    (``torch.ops.mkldnn._linear_pointwise``, what our fast paths and inductor
+    call), and the faster one is the peak: the median of ``iters`` calls after
+    two warm-up calls.
+    """
+    dtype = DTYPES[precision] or torch.float32
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    w = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    kernels = {'torch.mm': lambda: torch.mm(a, w.t())}
+    onednn = getattr(torch.ops.mkldnn, '_linear_pointwise', None)
+    if device.type == 'cpu' and onednn is not None and \
+            torch.backends.mkldnn.is_available():
+        kernels['oneDNN linear'] = lambda: onednn(a, w, None, 'none', [], '')
+    flop = 2. * n**3
+    gflops = {}
+    for name, fn in kernels.items():
+        try:
+            times = time_interleaved({name: fn}, iters, 2, device)[name]
+        except RuntimeError:  # e.g. no bf16 kernel in this build
+            continue
+        gflops[name] = flop / statistics.median(times) / 1e9
+    if not gflops:
+        return {}
+    best = max(gflops, key=gflops.get)
+    return dict(gflops=gflops[best], kernel=best, size=n, kernels=gflops)
+
+
+def add_peak_columns(results: Dict, flops: int, peaks: Dict) -> None:
+    """``infer_gflops`` = FLOPs per image x img/s; ``infer_pct_peak`` = that
+    over the peak of the row's precision, in percent."""
+    for res in results.values():
+        if not res.get('infer_img_s'):
+            continue
+        res['infer_gflops'] = flops * res['infer_img_s'] / 1e9
+        peak = peaks.get(res.get('precision'), {}).get('gflops')
+        if peak:
+            res['infer_pct_peak'] = 100. * res['infer_gflops'] / peak
+
+
+def runtime_ratios(results: Dict) -> None:
+    """Runtime rows of ours: ``infer_img_s_vs_<peer>`` against the peer's graph
+    in the same runtime, precision and shapes (``vs_rows`` names that row);
+    dynamic rows also ``infer_img_s_vs_static`` (their static counterpart) and
+    every runtime row ``infer_img_s_vs_eager`` (the eager candidate it was
+    exported from)."""
+    for name, res in results.items():
+        rt = res.get('runtime')
+        if rt is None or not res.get('infer_img_s'):
+            continue
+        eager = results.get(res['source'], {}).get('infer_img_s')
+        if eager:
+            res['infer_img_s_vs_eager'] = res['infer_img_s'] / eager
+        if res['source'] in PEERS:
+            continue
+        res['vs_rows'] = {}
+        for peer in PEERS:
+            # The peer's graph of the same shapes, else its static one (at
+            # least as fast as a dynamic one: the stricter comparison).
+            other = runtime_name(peer, rt, res['precision'], res['shapes'])
+            if other not in results:
+                other = runtime_name(peer, rt, res['precision'], 'static')
+            ref = results.get(other, {}).get('infer_img_s')
+            if ref:
+                res[f'infer_img_s_vs_{peer}'] = res['infer_img_s'] / ref
+                res['vs_rows'][peer] = other
+        if res['shapes'] == 'dynamic':
+            other = runtime_name(res['source'], rt, res['precision'], 'static')
+            ref = results.get(other, {}).get('infer_img_s')
+            if ref:
+                res['infer_img_s_vs_static'] = res['infer_img_s'] / ref
+
+
 # ------------------------------------------------------------------ report
 def summarize(results: Dict, metric: str, higher_better: bool,
               peers: List[str]) -> None:
     """Add ``{metric}_vs_{peer}`` ratios (>1 means ours is better)."""
     for name, res in results.items():
-        if name in peers or res.get(metric) is None:
+        # Runtime rows are compared with the same runtime's peer rows
+        # (runtime_ratios).
+        if name in peers or res.get(metric) is None or 'runtime' in res:
             continue
         for peer in peers:
             ref = results.get(peer, {}).get(metric)
@@ -674,20 +1043,23 @@ def summarize(results: Dict, metric: str, higher_better: bool,
 
 
 def format_table(results: Dict, peers: List[str]) -> str:
-    cols = [('infer img/s', 'infer_img_s', '{:.2f}'),
-            ('train img/s', 'train_img_s', '{:.2f}'),
-            ('train peak MB', 'train_peak_mb', '{:.0f}')]
+    # (title, key, format, with a ratio column per peer)
+    cols = [('infer img/s', 'infer_img_s', '{:.2f}', True),
+            ('GFLOP/s', 'infer_gflops', '{:.0f}', False),
+            ('% peak', 'infer_pct_peak', '{:.1f}', False),
+            ('train img/s', 'train_img_s', '{:.2f}', True),
+            ('train peak MB', 'train_peak_mb', '{:.0f}', True)]
     header = ['model']
-    for title, _, _ in cols:
+    for title, _, _, ratios in cols:
         header.append(title)
-        header += [f'x {p}' for p in peers]
+        header += [f'x {p}' for p in peers] if ratios else []
     rows = [header]
     for name, res in results.items():
         row = [name]
-        for _, key, fmt in cols:
+        for _, key, fmt, ratios in cols:
             val = res.get(key)
             row.append('-' if val is None else fmt.format(val))
-            for p in peers:
+            for p in peers if ratios else ():
                 r = res.get(f'{key}_vs_{p}')
                 row.append('-' if r is None else f'{r:.2f}')
         rows.append(row)
@@ -699,6 +1071,130 @@ def format_table(results: Dict, peers: List[str]) -> str:
     ]
     lines.insert(1, '-+-'.join('-' * w for w in widths))
     return '\n'.join(lines)
+
+
+def sweep(args, runners: Dict, device: torch.device, notes: List[str],
+          flops_of: Callable) -> List[Dict]:
+    """``--sizes``: per input size, the eager candidates' inference timed
+    interleaved (``--iters`` rounds after ``--warmup``) and their inference
+    peak memory. A candidate that refuses a size (mmpretrain: maps that do
+    not fit its windows) or runs out of memory is left out at that size with
+    a note. ``tokens`` is the number of tokens of the first stage
+    (``ceil(H / 4) * ceil(W / 4)``); ``tokens_s`` = img/s x tokens is flat
+    where the cost grows linearly with the tokens."""
+    points = []
+    g = torch.Generator().manual_seed(args.seed + 2)
+    for text in args.sizes:
+        h, w = parse_size(text)
+        x = torch.randn(args.sweep_batch, 3, h, w, generator=g).to(device)
+        tokens = -(-h // 4) * -(-w // 4)
+        flops = flops_of((h, w))
+        rows = OrderedDict()
+        fns = {}
+        for name, r in runners.items():
+            try:
+                r.infer(x)
+            except Exception as e:  # a refused size, out of memory
+                first = str(e).splitlines()[0] if str(e) else ''
+                notes.append(f'{name} at {h}x{w}: cannot run '
+                             f'({type(e).__name__}: {first[:120]}), left out')
+                continue
+            fns[name] = (lambda r=r: r.infer(x))
+        times = time_interleaved(fns, args.iters, args.warmup, device)
+        for name, t in times.items():
+            img_s = args.sweep_batch / statistics.median(t)
+            rows[name] = dict(
+                infer_s=t,
+                infer_img_s=img_s,
+                tokens_s=img_s * tokens,
+                infer_gflops=flops * img_s / 1e9,
+                infer_peak_mb=peak_memory(lambda: runners[name].infer(x),
+                                          device) / 2**20)
+        points.append(
+            dict(
+                size=[h, w],
+                tokens=tokens,
+                flops_per_image=flops,
+                results=rows))
+        print(
+            f'{h}x{w} ({tokens} tokens, {flops / 1e9:.1f} GFLOP/image): ' +
+            ', '.join(f"{n} {v['infer_img_s']:.2f} img/s "
+                      f"{v['tokens_s'] / 1e3:.1f}k tokens/s "
+                      f"{v['infer_peak_mb']:.0f} MB" for n, v in rows.items()),
+            flush=True)
+    return points
+
+
+def plot_sweep(points: List[Dict], path: str, title: str) -> Optional[str]:
+    """img/s, tokens/s and peak memory against tokens, one line per candidate;
+    returns a note instead where matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return 'matplotlib is not installed: no plot written'
+    names = list(OrderedDict.fromkeys(n for p in points for n in p['results']))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name in names:
+        pts = sorted(((p['tokens'], p['results'][name])
+                      for p in points if name in p['results']),
+                     key=lambda tp: tp[0])
+        xs = [t for t, _ in pts]
+        for ax, key, scale in zip(axes,
+                                  ('infer_img_s', 'tokens_s', 'infer_peak_mb'),
+                                  (1, 1e-3, 1)):
+            ax.plot(xs, [r[key] * scale for _, r in pts], 'o-', label=name)
+    for ax, label in zip(axes, ('img/s', 'tokens/s (thousands): flat = '
+                                'linear cost', 'inference peak MB')):
+        ax.set_xscale('log')
+        ax.set_xlabel('tokens (ceil(H/4) x ceil(W/4))')
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_yscale('log')
+    axes[2].set_yscale('log')
+    axes[0].legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def main_sweep(args, models: Dict, runners: Dict, device: torch.device,
+               notes: List[str]) -> Dict:
+    """``--sizes``: the sweep, its JSON and plot."""
+    runners = OrderedDict(
+        (n, r) for n, r in runners.items() if n not in ('ours-cp', ))
+    meta = machine_info(args)
+    print(f"CPU: {meta['cpu']}; flags: {' '.join(meta['cpu_flags'])}; "
+          f"{meta['threads']} threads, torch {meta['torch']}; DaViT "
+          f'{args.arch} {args.dtype}, batch {args.sweep_batch}, medians of '
+          f'{args.iters} interleaved rounds after {args.warmup} warm-up')
+    points = sweep(
+        args, runners, device, notes,
+        lambda size: model_flops(models['ours'].model, size, device))
+    for note in notes:
+        print('note:', note)
+    out = dict(
+        meta=meta,
+        config=dict(vars(args), arch_settings=arch_settings(args.arch)),
+        notes=notes,
+        sweep=points)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, 'w') as f:
+            json.dump(out, f, indent=2)
+        print('wrote', args.json)
+    plot = args.plot or (os.path.splitext(args.json)[0] +
+                         '.png' if args.json else None)
+    if plot:
+        title = (f'DaViT {args.arch} {args.dtype} batch {args.sweep_batch}, '
+                 f"{meta['threads']} threads: {meta['cpu']}")
+        problem = plot_sweep(points, plot, title)
+        print('note:', problem) if problem else print('wrote', plot)
+        out['plot'] = None if problem else plot
+    return out
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
@@ -731,6 +1227,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             continue  # shares the module of ours, added below
         model.to(device=device, memory_format=fmt)
         runners[name] = Runner(name, model, args, device)
+    if args.sizes:
+        return main_sweep(args, models, runners, device, notes)
     g = torch.Generator().manual_seed(args.seed + 1)
     x = torch.randn(
         args.batch, 3, *size, generator=g).to(
@@ -774,8 +1272,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         runners[OFF_NAME] = runner
         notes.append(f'{OFF_NAME}: ours with fast paths off: ' +
                      ', '.join(args.fast_paths_off))
-    if args.onnx:
-        add_onnx_candidate(runners, models['ours'], x, args, notes)
+    if args.onnxruntime or args.openvino:
+        add_runtime_candidates(runners, x, args, notes)
 
     checks = []
     if not args.no_check:
@@ -787,10 +1285,22 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         if not all(c['ok'] for c in checks):
             raise SystemExit('outputs disagree: not timing (see above)')
 
-    results = OrderedDict((name, {}) for name in runners)
+    results = OrderedDict(
+        (name, dict(precision=r.precision)) for name, r in runners.items())
+    for name, r in runners.items():
+        if isinstance(r, RuntimeRunner):
+            results[name].update(
+                runtime=r.runtime, source=r.source, shapes=r.shapes)
     for name, runner in runners.items():
         if runner.compile_s:
             results[name]['compile_s'] = runner.compile_s
+    # The machine's limit, once per run and precision, and the model's work.
+    peaks: Dict[str, Dict] = {}
+    flops = model_flops(models['ours'].model, size, device)
+    if args.peak_size > 0 and 'infer' not in args.skip:
+        for precision in sorted({r.precision for r in runners.values()}):
+            if precision in DTYPES:  # (no int8 peak: int8 rows get GFLOP/s)
+                peaks[precision] = gemm_peak(precision, args.peak_size, device)
     if 'infer' not in args.skip:
         fns = {
             n: (lambda r=r: r.infer(x))
@@ -802,7 +1312,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             results[n]['infer_img_s'] = args.batch / statistics.median(t)
     trainable = [
         n for n, r in runners.items()
-        if (not n.endswith(COMPILED) or args.compile_train) and n != ONNX_NAME
+        if (not n.endswith(COMPILED) or args.compile_train)
+        and not isinstance(r, RuntimeRunner)
     ]
     if 'train' not in args.skip:
         fns = {
@@ -821,13 +1332,15 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             results[n]['train_peak_mb'] = peak_memory(
                 lambda: r.train_step(xt, y), device) / 2**20
         for n, r in runners.items():
-            if n not in ('ours-cp', ONNX_NAME):  # (torch's allocator only)
+            # (torch's allocator only)
+            if n != 'ours-cp' and not isinstance(r, RuntimeRunner):
                 results[n]['infer_peak_mb'] = peak_memory(
                     lambda: r.infer(x), device) / 2**20
 
     if args.profile and device.type == 'cpu':
         for n, r in runners.items():
-            if n not in ('ours-cp', ONNX_NAME) and not n.endswith(COMPILED):
+            if n != 'ours-cp' and not n.endswith(COMPILED) and \
+                    not isinstance(r, RuntimeRunner):
                 results[n]['infer_profile'] = profile_ops(lambda: r.infer(x))
                 if 'train' not in args.skip and n in trainable:
                     results[n]['train_profile'] = profile_ops(
@@ -835,6 +1348,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     elif args.profile:
         notes.append('--profile reads CPU time: skipped on ' + device.type)
 
+    add_peak_columns(results, flops, peaks)
+    runtime_ratios(results)
     peers = [p for p in PEERS if p in results]
     for metric, higher in (('infer_img_s', True), ('train_img_s', True),
                            ('train_peak_mb', False), ('infer_peak_mb', False)):
@@ -854,6 +1369,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             results['ours']['train_peak_mb']
 
     meta = machine_info(args)
+    meta['flops_per_image'] = flops
+    meta['gemm_peak'] = peaks
     config = dict(
         vars(args),
         img_size=list(size),
@@ -876,7 +1393,19 @@ def main(argv: Optional[List[str]] = None) -> Dict:
           f"{meta['threads']} threads, torch {meta['torch']}, "
           f"{meta['date']}")
     print(f'medians of {args.iters} interleaved rounds after {args.warmup} '
-          'warm-up; ratios > 1 mean ours is better (faster / less memory)')
+          'warm-up; ratios > 1 mean ours is better (faster / less memory); '
+          'a runtime row (+onnxruntime, +openvino) is compared with the '
+          'peer\'s graph in the same runtime, precision and shapes')
+    print(f'work: {flops / 1e9:.2f} GFLOP per image (2 x multiply-adds of '
+          'the convolutions and matrix products); GFLOP/s = that x infer '
+          'img/s; % peak = GFLOP/s over the peak of the row\'s precision')
+    for precision, peak in peaks.items():
+        if peak:
+            kernels = ', '.join(f'{k} {v:.0f}'
+                                for k, v in peak['kernels'].items())
+            print(f"{precision} GEMM peak: {peak['gflops']:.0f} GFLOP/s "
+                  f"({peak['size']}^3 GEMM, {meta['threads']} threads; "
+                  f'{kernels})')
     print(format_table(results, peers))
     for name, res in results.items():
         if 'compile_s' in res:
@@ -891,9 +1420,19 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             if parts:
                 print(f'{name} vs the compiled peers (ratios > 1: ours '
                       'better): ' + ', '.join(parts))
-        if name == ONNX_NAME and res.get('infer_img_s'):
-            ratio = res['infer_img_s'] / results['ours']['infer_img_s']
-            print(f'{name}: inference {ratio:.2f}x ours (PyTorch eager)')
+        if 'infer_img_s_vs_eager' in res and res['source'] not in PEERS:
+            parts = [
+                f"inference {res['infer_img_s_vs_eager']:.2f}x "
+                f"{res['source']} (PyTorch eager)"
+            ]
+            parts += [
+                f"{res[f'infer_img_s_vs_{p}']:.2f}x {row}"
+                for p, row in res.get('vs_rows', {}).items()
+            ]
+            if 'infer_img_s_vs_static' in res:
+                parts.append(f"{res['infer_img_s_vs_static']:.2f}x its "
+                             'static graph')
+            print(f'{name}: ' + ', '.join(parts))
         if name == OFF_NAME:
             ours = results['ours']
             parts = [

@@ -176,7 +176,8 @@ def export(model: torch.nn.Module,
            output_file: str,
            shape: Sequence[int],
            dynamic: bool,
-           opset: int = DEFAULT_OPSET) -> None:
+           opset: int = DEFAULT_OPSET,
+           batch: int = 1) -> None:
     """Write ``model`` (images -> logits) to ``output_file`` as ONNX.
 
     Args:
@@ -186,6 +187,7 @@ def export(model: torch.nn.Module,
             when not ``dynamic``).
         dynamic (bool): Make batch, height and width dynamic.
         opset (int): ONNX opset. Defaults to 18.
+        batch (int): Batch of the graph when not ``dynamic``. Defaults to 1.
     """
     import onnx
     if dynamic:
@@ -198,7 +200,7 @@ def export(model: torch.nn.Module,
             3: Dim('width', min=1)
         }, )
     else:
-        example, dynamic_shapes = torch.randn(1, 3, *shape), None
+        example, dynamic_shapes = torch.randn(batch, 3, *shape), None
     with warnings.catch_warnings(), torch.no_grad():
         warnings.filterwarnings('ignore', category=UserWarning)
         program = torch.onnx.export(
