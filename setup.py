@@ -50,7 +50,7 @@ def requirements():
         'mmpretrain>=1.2.0,<2.0',
         # Florence-2 towers (florence2://): Hugging Face's cache, offline
         # mode and revisions.
-        'huggingface_hub>=0.23',
+        'huggingface_hub>=0.34',
         # mmengine 0.10.7 imports pkg_resources (to resolve mmpretrain::
         # bases, among others), which setuptools >= 81 no longer ships.
         'setuptools<81',
