@@ -40,7 +40,7 @@ import os.path as osp
 import sys
 import tempfile
 import warnings
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -265,31 +265,48 @@ def verify(model: torch.nn.Module,
     onnx.checker.check_model(output_file)
     session = ort.InferenceSession(
         output_file, providers=['CPUExecutionProvider'])
+    return compare_logits(model,
+                          lambda x: session.run([OUTPUT], {INPUT: x})[0],
+                          sizes, tolerance, 'onnxruntime', 'ONNX')
+
+
+def compare_logits(model: torch.nn.Module, run: Callable,
+                   sizes: Sequence[Tuple], tolerance: float, runtime: str,
+                   what: str) -> float:
+    """The check behind ``--verify`` of the exporters: ``run`` (a runtime's
+    ``numpy images -> numpy logits``) against PyTorch at each size, every
+    difference printed; ``runtime``/``what`` name the runtime and its graph in
+    the messages. Returns the largest difference.
+
+    Raises:
+        AssertionError: a shape mismatch or a difference over
+        ``tolerance * max(1, |logits|)``.
+    """
     generator = torch.Generator().manual_seed(0)
     worst, failed = 0., []
     for case in sizes:
         n, h, w = case[:3]
-        what = f' ({case[3]})' if len(case) > 3 else ''
+        note = f' ({case[3]})' if len(case) > 3 else ''
         x = torch.randn(n, 3, h, w, generator=generator)
         with torch.no_grad():
             expected = model(x).numpy()
-        got = session.run([OUTPUT], {INPUT: x.numpy()})[0]
+        got = run(x.numpy())
         if got.shape != expected.shape:
-            raise AssertionError(f'at {n}x3x{h}x{w} the ONNX logits have '
+            raise AssertionError(f'at {n}x3x{h}x{w} the {what} logits have '
                                  f'shape {got.shape}, PyTorch '
                                  f'{expected.shape}.')
         diff = float(np.abs(got - expected).max())
         scale = float(np.abs(expected).max())
         limit = tolerance * max(1., scale)
         ok = diff <= limit
-        print(f'verify {n}x3x{h}x{w}{what}: max |logit diff| onnxruntime vs '
+        print(f'verify {n}x3x{h}x{w}{note}: max |logit diff| {runtime} vs '
               f'PyTorch {diff:.2e} (logits up to {scale:.2f}, limit '
               f'{limit:.1e}) {"ok" if ok else "FAILED"}')
         worst = max(worst, diff)
         if not ok:
             failed.append(f'{n}x3x{h}x{w}')
     if failed:
-        raise AssertionError('ONNX and PyTorch logits differ beyond the '
+        raise AssertionError(f'{what} and PyTorch logits differ beyond the '
                              f'limit at {", ".join(failed)} (see above).')
     return worst
 

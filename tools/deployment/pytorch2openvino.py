@@ -39,7 +39,6 @@ import sys
 import tempfile
 from typing import Dict, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
@@ -171,33 +170,10 @@ def verify(model: torch.nn.Module,
     mismatch or a difference over ``tolerance * max(1, |logits|)``.
     """
     compiled = compile_model(xml_file, 'fp32')
-    generator = torch.Generator().manual_seed(0)
-    worst, failed = 0., []
-    for case in sizes:
-        n, h, w = case[:3]
-        what = f' ({case[3]})' if len(case) > 3 else ''
-        x = torch.randn(n, 3, h, w, generator=generator)
-        with torch.no_grad():
-            expected = model(x).numpy()
-        got = compiled({INPUT: x.numpy()})[OUTPUT]
-        if got.shape != expected.shape:
-            raise AssertionError(f'at {n}x3x{h}x{w} the OpenVINO logits '
-                                 f'have shape {got.shape}, PyTorch '
-                                 f'{expected.shape}.')
-        diff = float(np.abs(got - expected).max())
-        scale = float(np.abs(expected).max())
-        limit = tolerance * max(1., scale)
-        ok = diff <= limit
-        print(f'verify {n}x3x{h}x{w}{what}: max |logit diff| OpenVINO vs '
-              f'PyTorch {diff:.2e} (logits up to {scale:.2f}, limit '
-              f'{limit:.1e}) {"ok" if ok else "FAILED"}')
-        worst = max(worst, diff)
-        if not ok:
-            failed.append(f'{n}x3x{h}x{w}')
-    if failed:
-        raise AssertionError('OpenVINO and PyTorch logits differ beyond the '
-                             f'limit at {", ".join(failed)} (see above).')
-    return worst
+    return pytorch2onnx.compare_logits(model,
+                                       lambda x: compiled({INPUT: x})[OUTPUT],
+                                       sizes, tolerance, 'OpenVINO',
+                                       'OpenVINO')
 
 
 def missing_packages() -> list:
