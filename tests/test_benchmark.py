@@ -334,3 +334,36 @@ def test_size_sweep(tmp_path):
         assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     with pytest.raises(SystemExit, match='--sizes: expected S or HxW'):
         load_tool().main(['--arch', TINY, '--sizes', '0x5'])
+
+
+@pytest.mark.parametrize('n', [1, 2, 3, 4, 5, 6, 7])
+def test_round_orders_balance_first_and_predecessor(n):
+    """Over one cycle of orders every candidate runs once per round, first
+    equally often, and right after each other candidate equally often (plain.
+
+    rotation gives n - 1 rounds of n with the same predecessor).
+    """
+    import collections
+    orders = load_tool().round_orders(n)
+    assert len(orders) == (n if n % 2 == 0 else 2 * n)
+    assert all(sorted(order) == list(range(n)) for order in orders)
+    first = collections.Counter(order[0] for order in orders)
+    assert set(first) == set(range(n))
+    assert len(set(first.values())) == 1
+    after = collections.Counter(
+        (a, b) for order in orders for a, b in zip(order, order[1:]))
+    assert set(after) == {(a, b) for a in range(n) for b in range(n) if a != b}
+    assert len(set(after.values())) <= 1
+
+
+def test_time_interleaved_runs_the_balanced_orders():
+    """The timed rounds follow round_orders from its first order."""
+    import torch
+    tool = load_tool()
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in 'abc'}
+    times = tool.time_interleaved(fns, 6, 2, torch.device('cpu'))
+    assert {k: len(v) for k, v in times.items()} == {'a': 6, 'b': 6, 'c': 6}
+    timed = calls[2 * 3:]
+    expected = ['abc'[i] for order in tool.round_orders(3) for i in order]
+    assert timed == expected

@@ -55,8 +55,9 @@ A disagreement stops the run (``--no-check`` skips the comparison). A peer
 that is not installed, or that refuses the input size (mmpretrain raises on
 maps that do not fit its windows), is left out with a note.
 
-Timing is interleaved, A B C A B C ..., after ``--warmup`` rounds, so that a
-drift of the machine's speed hits every candidate alike; the table reports
+Timing is interleaved (every candidate once per round, in a balanced order:
+see ``round_orders``) after ``--warmup`` rounds, so that a drift of the
+machine's speed hits every candidate alike; the table reports
 medians and ratios of ours to each peer. Measured:
 
 - inference: ``model.eval()`` under ``torch.inference_mode()``, img/s;
@@ -836,17 +837,44 @@ def check_outputs(runners: Dict[str, Runner], x: torch.Tensor, args,
     return checks
 
 
+def round_orders(n: int) -> List[List[int]]:
+    """Orders of ``n`` candidates for successive rounds, balanced for what runs
+    first and for what runs right before what.
+
+    A Williams design: the first row is 0, 1, n-1, 2, n-2, ...; row ``r`` adds
+    ``r`` (mod n) to it; an odd ``n`` also takes the rows reversed. Over these
+    ``n`` (even) or ``2n`` (odd) rounds each candidate runs first equally often
+    and directly after each other candidate equally often. Plain rotation (A B
+    C, B C A, ...) would leave each candidate right after the same one in
+    almost every round, so that whatever a candidate leaves behind (a runtime's
+    threads still busy, a cache full of its data) would fall on the same one
+    each time.
+    """
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    rows = [[(c + r) % n for c in first] for r in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return rows
+
+
 def time_interleaved(fns: Dict[str, Callable], rounds: int, warmup: int,
                      device: torch.device) -> Dict[str, List[float]]:
-    """Seconds per call of each fn, interleaved after warm-up, each round
-    starting one candidate later (A B C, B C A, C A B, ...): no candidate
-    always runs first, or right after the same one (two copies of the same
-    model measured 8% apart in a fixed order)."""
+    """Seconds per call of each fn, interleaved after warm-up, the rounds in
+    the orders of :func:`round_orders` (two copies of the same model measured
+    8% apart in a fixed order)."""
     times = {name: [] for name in fns}
     names = list(fns)
+    orders = round_orders(len(names))
     for r in range(warmup + rounds):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
+        # Timed rounds start at the first order (warm-up rounds before it).
+        for i in orders[(r - warmup) % len(orders)]:
+            name = names[i]
             fn = fns[name]
             sync(device)
             t0 = time.perf_counter()
