@@ -190,6 +190,8 @@ def test_fast_paths_equal_module_calls(dtype, hook_norm1, monkeypatch):
             } if hook_norm1 else {'window_msa_chunked', 'channel_attn_t'})
             if dtype is not None:  # 1 + w would be rounded
                 expected.discard('cpe_folded')
+                # fp32 only (slower in bf16: see fast_paths.channel_attn_t)
+                expected.discard('channel_attn_t')
             assert {n for n in FAST_PATHS if taken[n]} == expected, taken
     (infer_f, outs_f, grads_f), (infer_m, outs_m, grads_m) = results
     for a, b in zip(infer_f + outs_f, infer_m + outs_m):

@@ -14,7 +14,7 @@ fast path                      runs when (besides :func:`plain`)
 :func:`norm_ffn_chunked`       CPU inference; cache-sized groups of rows
 :func:`norm_attn_chunked`      CPU inference; bands of windows, or per image
 :func:`window_msa_chunked`     CPU inference; cache-sized groups of windows
-:func:`channel_attn_t`         CPU inference; one image at a time, transposed
+:func:`channel_attn_t`         CPU fp32 inference; per image, transposed
 =============================  ==============================================
 
 ``DAVIT_EXT_FAST_PATHS_OFF=name,...`` in the environment (or
@@ -205,9 +205,12 @@ def chunk_rows(x: Tensor) -> Optional[int]:
 HALF_ATTN_ROWS = 4096
 
 
+def _half(dt: Optional[torch.dtype]) -> bool:
+    return dt in (torch.bfloat16, torch.float16)
+
+
 def _attn_rows(step: int, dt: torch.dtype) -> int:
-    half = dt in (torch.bfloat16, torch.float16)
-    return max(step, HALF_ATTN_ROWS) if half else step
+    return max(step, HALF_ATTN_ROWS) if _half(dt) else step
 
 
 def _linear_dtype(x: Tensor, *layers: nn.Linear) -> Optional[torch.dtype]:
@@ -731,13 +734,14 @@ def channel_attn_t(attn: nn.Module, x: Tensor) -> Optional[Tensor]:
     """Channel attention at inference, one image at a time, transposed (see
     :func:`_attend_channels`).
 
-    Measured on DaViT-T's stages, batch 8: fp32 1.0-1.2x, bf16 autocast
-    1.2-3.4x faster than the module calls. Runs when: :func:`plain`
-    ``(attn.qkv, attn.proj)``, CPU, no autograd, :func:`_linear_dtype` knows
-    the linears' dtype (under autocast the GEMMs, the scaling and the softmax
-    run in the autocast dtype, as in the module calls). Where the whole half
-    block can be chunked, :func:`norm_attn_chunked` runs instead. Returns
-    None otherwise. Gate: ``test_fast_paths_equal_module_calls``.
+    Measured on DaViT-T's stages, batch 8: fp32 1.0-1.2x faster than the
+    module calls. Not in half precision: under bf16 autocast, whole DaViT-T
+    inference ran 1.06-1.07x faster without it (two interleaved runs, AMD
+    EPYC Zen 4, torch 2.14), although single stages had measured faster
+    with it. Runs when: :func:`plain` ``(attn.qkv, attn.proj)``, CPU, no
+    autograd, :func:`_linear_dtype` gives fp32. Where the whole half block
+    can be chunked, :func:`norm_attn_chunked` runs instead. Returns None
+    otherwise. Gate: ``test_fast_paths_equal_module_calls``.
     """
     if 'channel_attn_t' in OFF:
         return None
@@ -745,7 +749,7 @@ def channel_attn_t(attn: nn.Module, x: Tensor) -> Optional[Tensor]:
             not plain(attn.qkv, attn.proj):
         return None
     setup = _attn_weights(attn, x)
-    if setup is None:
+    if setup is None or _half(setup[0]):
         return None
     dt, weights = setup
     B, H, W, C = x.shape
@@ -764,7 +768,8 @@ def norm_attn_chunked(norm: nn.LayerNorm, attn: nn.Module,
     Window attention: a band of whole windows (``window_size`` rows of the
     map: contiguous in the (B, H, W, C) layout) is normalised, split into
     windows, attended and added to its residual while in cache. Channel
-    attention: one image at a time (its attention spans the image). The
+    attention: one image at a time (its attention spans the image), in fp32
+    only (see :func:`channel_attn_t`). The
     module calls instead write the whole map 4-5 times (norm, windows,
     attention, merged windows, sum). Runs when: :func:`plain` ``(norm,
     attn)``, CPU, no autograd, :func:`_linear_dtype` knows the linears'
@@ -780,7 +785,8 @@ def norm_attn_chunked(norm: nn.LayerNorm, attn: nn.Module,
     kind = type(attn).__name__
     if kind == 'ChannelAttention':
         inner = attn
-        if 'channel_attn_t' in OFF:  # the same transposed attention
+        # The same transposed attention, with the same exceptions.
+        if 'channel_attn_t' in OFF or _half(_linear_dtype(x, attn.qkv)):
             return None
     elif kind == 'WindowAttention':
         inner = attn.w_msa
