@@ -11,6 +11,7 @@ import json
 import os
 import os.path as osp
 import statistics
+import warnings
 
 import numpy as np
 import pytest
@@ -344,3 +345,61 @@ def test_static_int8_tool(tmp_path):
     ])
     assert rc == 1 and not xml2.exists()
     assert not (tmp_path / 'refused.bin').exists()
+
+
+def _load_analysis_tool(name):
+    spec = importlib.util.spec_from_file_location(
+        name, osp.join(REPO, 'tools', 'analysis_tools', name + '.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _ThreeGemms(torch.nn.Module):
+    """A conv, a linear and a matmul whose FLOPs are known by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 24)
+
+    def forward(self, x):
+        x = self.conv(x).flatten(2).transpose(1, 2)  # (1, 256, 8)
+        x = self.fc(x)  # (1, 256, 24)
+        return torch.relu(x) @ x.transpose(1, 2)  # (1, 256, 256), K = 24
+
+
+def test_runtime_profile_counts_gemm_flops(tmp_path):
+    """--gemm's FLOPs per OpenVINO layer equal the count by hand, and the
+    ceiling is their sum over their time."""
+    profile = _load_analysis_tool('runtime_profile')
+    path = str(tmp_path / 'three.onnx')
+    x = torch.randn(1, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore')
+        torch.onnx.export(
+            _ThreeGemms().eval(), (x, ), dynamo=True,
+            opset_version=18).save(path)
+    layers = profile.ov_layers(path, x.numpy(), 'f32', 1, 2)
+    by_type = {}
+    for layer in layers:
+        if layer['flops']:
+            by_type[layer['type']] = by_type.get(layer['type'],
+                                                 0) + layer['flops']
+    assert by_type == {
+        'Convolution': 2 * 8 * 16 * 16 * 3 * 3 * 3,
+        'FullyConnected': 2 * 256 * 24 * 8,
+        'MatMul': 2 * 256 * 256 * 24,
+    }
+    summary = profile.gemm_summary(layers)
+    assert summary['gemm_flops'] == sum(by_type.values())
+    assert 0 < summary['gemm_ms'] <= summary['total_ms']
+    assert summary['ceiling_gflops'] == pytest.approx(summary['gemm_flops'] /
+                                                      summary['gemm_ms'] / 1e6)
+    # Either orientation of a MatMul's first input gives the same K.
+    assert profile.gemm_flops('MatMul', [[4, 5, 7], [4, 7, 6]], [4, 5, 6]) \
+        == profile.gemm_flops('MatMul', [[4, 7, 5], [4, 7, 6]], [4, 5, 6]) \
+        == 2 * 4 * 5 * 6 * 7
+    assert profile.gemm_flops('GroupConvolution',
+                              [[1, 8, 4, 4], [8, 1, 1, 3, 3]],
+                              [1, 8, 4, 4]) == 0
