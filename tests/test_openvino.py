@@ -157,6 +157,29 @@ def test_static_ir_of_the_original_forward(tmp_path):
     assert shape.is_static and shape.to_shape() == [2, 3, 40, 56]
 
 
+def test_ir_keeps_the_attention_for_the_cpu_plugin(tmp_path):
+    """The IR is read by the ONNX frontend, not ``openvino.convert_model``:
+
+    that one fuses the window attention into ScaledDotProductAttention nodes,
+    which the CPU plugin ran slower than its own fusion of the plain graph (see
+    ``pytorch2openvino.convert``).
+    """
+    cfg = small_config(tmp_path, official=False)
+    _, model = random_checkpoint(cfg, tmp_path)
+    onnx_file = str(tmp_path / 'static.onnx')
+    tool.pytorch2onnx.export(model, onnx_file, (56, 56), False)
+
+    def sdpa(m):
+        return sum(op.get_type_name() == 'ScaledDotProductAttention'
+                   for op in m.get_ordered_ops())
+
+    assert sdpa(ov.convert_model(onnx_file)) > 0  # what it would fuse
+    assert sdpa(tool.convert(onnx_file)) == 0
+    xml = str(tmp_path / 'static.xml')
+    ov.save_model(tool.convert(onnx_file), xml, compress_to_fp16=False)
+    assert sdpa(ov.Core().read_model(xml)) == 0
+
+
 @pytest.mark.parametrize('bad,message', [
     (['--output-file', 'x.onnx'], '--output-file must end in .xml'),
     (['--output-file', 'x.xml', '--batch', '0'], 'must be positive'),

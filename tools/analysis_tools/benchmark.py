@@ -26,8 +26,8 @@ Candidates (one classifier each, 1000 classes unless ``--num-classes``):
                     ``tools/deployment/pytorch2onnx.py`` (dynamic N, H, W;
                     ``-static`` rows: fixed at the run's input, see
                     ``--export-shapes``; the peers static by default) and
-                    run on the CPU by onnxruntime (fp32) or, converted by
-                    ``openvino.convert_model``, by OpenVINO (fp32, and bf16
+                    run on the CPU by onnxruntime (fp32) or, read by
+                    ``openvino.Core.read_model``, by OpenVINO (fp32, and bf16
                     where the CPU has it) with ``--threads`` threads
                     (inference only). Each is checked against the fp32
                     logits of the model it came from (1e-4, bf16 5e-2, times
@@ -198,8 +198,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         '--openvino',
         action='store_true',
         help='add <model>+openvino rows (fp32) and <model>+openvino-bf16 '
-        '(where the CPU has bf16): the same ONNX files converted by '
-        'openvino.convert_model')
+        '(where the CPU has bf16): the same ONNX files read by OpenVINO\'s '
+        'ONNX frontend (tools/deployment/pytorch2openvino.convert)')
     p.add_argument(
         '--export-shapes',
         nargs='+',
@@ -615,8 +615,8 @@ class RuntimeRunner:
     ``source`` is the eager candidate it was exported from (``ours``, ``timm``,
     ...): the file is what ``tools/deployment/pytorch2onnx.py`` writes for it
     (dynamic N, H, W, or static at the run's input), run by onnxruntime or,
-    converted by ``openvino.convert_model``, by OpenVINO, with torch's thread
-    count (``--threads``).
+    read by OpenVINO's ONNX frontend (``pytorch2openvino.convert``), by
+    OpenVINO, with torch's thread count (``--threads``).
     """
 
     def __init__(self, name: str, source: str, runtime: str, precision: str,
