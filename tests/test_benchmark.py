@@ -338,10 +338,11 @@ def test_size_sweep(tmp_path):
 
 @pytest.mark.parametrize('n', [1, 2, 3, 4, 5, 6, 7])
 def test_round_orders_balance_first_and_predecessor(n):
-    """Over one cycle of orders every candidate runs once per round, first
-    equally often, and right after each other candidate equally often (plain.
+    """One cycle of orders balances first place and predecessors.
 
-    rotation gives n - 1 rounds of n with the same predecessor).
+    Every candidate runs once per round, first equally often, and right after
+    each other candidate equally often (plain rotation gives n - 1 rounds of n
+    with the same predecessor).
     """
     import collections
     orders = load_tool().round_orders(n)

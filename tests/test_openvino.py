@@ -158,10 +158,11 @@ def test_static_ir_of_the_original_forward(tmp_path):
 
 
 def test_ir_keeps_the_attention_for_the_cpu_plugin(tmp_path):
-    """The IR is read by the ONNX frontend, not ``openvino.convert_model``:
+    """The IR keeps the attention as plain MatMul + Softmax.
 
-    that one fuses the window attention into ScaledDotProductAttention nodes,
-    which the CPU plugin ran slower than its own fusion of the plain graph (see
+    It is read by the ONNX frontend, not ``openvino.convert_model``, which
+    fuses the window attention into ScaledDotProductAttention nodes that the
+    CPU plugin ran slower than its own fusion of the plain graph (see
     ``pytorch2openvino.convert``).
     """
     cfg = small_config(tmp_path, official=False)
