@@ -155,10 +155,11 @@ def ov_layers(path: str, x, precision: str, threads: int,
         })
     shapes = {}
     for op in compiled.get_runtime_model().get_ordered_ops():
+        # None for a shape left dynamic (none should be after the reshape).
         ins = [
             list(op.input(i).get_partial_shape().to_shape())
+            if op.input(i).get_partial_shape().is_static else None
             for i in range(op.get_input_size())
-            if op.input(i).get_partial_shape().is_static
         ]
         out = op.output(0).get_partial_shape() \
             if op.get_output_size() else None
@@ -182,14 +183,15 @@ def ov_layers(path: str, x, precision: str, threads: int,
             layer['ms'] += p.real_time.total_seconds() * 1e3 / runs
     for layer in layers.values():
         ins, out = shapes.get(layer['name'], ([], None))
-        layer['flops'] = gemm_flops(layer['type'], ins, out) \
-            if out is not None and len(ins) >= 2 else 0
+        known = out is not None and len(ins) >= 2 and None not in ins[:2]
+        layer['flops'] = gemm_flops(layer['type'], ins, out) if known else 0
         layer['shape'] = _gemm_shape(layer['type'], ins, out)
     return list(layers.values())
 
 
 def _gemm_shape(layer_type: str, ins, out) -> str:
-    if layer_type not in GEMM_LAYERS or out is None or len(ins) < 2:
+    if layer_type not in GEMM_LAYERS or out is None or len(ins) < 2 or \
+            None in ins[:2]:
         return ''
     if layer_type == 'FullyConnected':
         return f'M={math.prod(out[:-1])} K={ins[0][-1]} N={out[-1]}'
