@@ -8,6 +8,10 @@ import torch
 # Two cores on CI: keep torch from oversubscribing them.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Every fast path on, whatever this CPU's default (fast_paths.default_off):
+# the tests check that each one runs and equals the module calls.
+os.environ.setdefault('DAVIT_EXT_FAST_PATHS_ON', 'all')
+
 import davit_ext  # noqa: E402,F401  (registers our modules)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))

@@ -5,6 +5,10 @@ module call, or a fast path (``davit_ext.models.fast_paths``) runs that
 computes the same values; the tests here check both halves: what users see
 through the module calls, and that each fast path equals the module calls.
 """
+import json
+import os
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -223,6 +227,53 @@ def test_fast_paths_equal_module_calls(dtype, hook_norm1, monkeypatch):
         module_err = (grads_m[n] - p.grad).abs().max().item()
         assert fast_err <= 1.1 * module_err + 1e-3 * scale, \
             (n, fast_err, module_err, scale)
+
+
+def test_chunked_paths_default_by_cpu():
+    """The chunked inference paths are on by default only with AVX-512
+    (measured slower than the module calls on an AVX2 CPU);
+    DAVIT_EXT_FAST_PATHS_ON switches them on, DAVIT_EXT_FAST_PATHS_OFF switches
+    any off, and a wrong name is one clear error."""
+    chunked = {
+        'norm_ffn_chunked', 'norm_attn_chunked', 'window_msa_chunked',
+        'channel_attn_t'
+    }
+    assert set(fast_paths.CHUNKED) == chunked
+    assert fast_paths.default_off('AVX512') == frozenset()
+    assert fast_paths.default_off('AVX2') == chunked
+    assert fast_paths.default_off('DEFAULT') == chunked
+    code = ('import json, davit_ext.models.fast_paths as f; '
+            'print(json.dumps([f.cpu_capability(), sorted(f.OFF)]))')
+
+    def run(**extra):
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith('DAVIT_EXT_FAST_PATHS')
+        }
+        env.update(ATEN_CPU_CAPABILITY='avx2', **extra)
+        return subprocess.run([sys.executable, '-c', code],
+                              env=env,
+                              capture_output=True,
+                              text=True)
+
+    def off(**extra):
+        done = run(**extra)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.splitlines()[-1])
+
+    assert off() == ['AVX2', sorted(chunked)]
+    assert off(DAVIT_EXT_FAST_PATHS_ON='all') == ['AVX2', []]
+    assert off(
+        DAVIT_EXT_FAST_PATHS_ON='channel_attn_t',
+        DAVIT_EXT_FAST_PATHS_OFF='cpe_folded') == [
+            'AVX2',
+            sorted(chunked - {'channel_attn_t'} | {'cpe_folded'})
+        ]
+    bad = run(DAVIT_EXT_FAST_PATHS_ON='norm_fnn')
+    assert bad.returncode != 0
+    assert "DAVIT_EXT_FAST_PATHS_ON: unknown fast path(s) ['norm_fnn']" in \
+        bad.stderr
 
 
 def test_fast_paths_turned_off(monkeypatch):

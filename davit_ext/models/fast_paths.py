@@ -11,16 +11,21 @@ fast path                      runs when (besides :func:`plain`)
                                (:class:`LinearFunction` while training)
 :func:`cpe_folded`             no autocast, input dtype == conv weight dtype
 :class:`NormFFNFunction`       autograd records (training); saves memory
-:func:`norm_ffn_chunked`       CPU inference; cache-sized groups of rows
-:func:`norm_attn_chunked`      CPU inference; bands of windows, or per image
-:func:`window_msa_chunked`     CPU inference; cache-sized groups of windows
-:func:`channel_attn_t`         CPU fp32 inference; per image, transposed
+:func:`norm_ffn_chunked`       CPU inference (AVX-512); groups of rows
+:func:`norm_attn_chunked`      CPU inference (AVX-512); bands of windows,
+                               or per image
+:func:`window_msa_chunked`     CPU inference (AVX-512); groups of windows
+:func:`channel_attn_t`         CPU fp32 inference (AVX-512); per image,
+                               transposed
 =============================  ==============================================
 
 ``DAVIT_EXT_FAST_PATHS_OFF=name,...`` in the environment (or
 :func:`turned_off`) switches fast paths off by name
 (:data:`FAST_PATH_NAMES`); ``tools/analysis_tools/benchmark.py
---fast-paths-off`` compares them with the module calls in one run.
+--fast-paths-off`` compares them with the module calls in one run. The four
+chunked inference paths are off by default on CPUs without AVX-512
+(:func:`default_off`); ``DAVIT_EXT_FAST_PATHS_ON=name,...`` (or ``all``)
+switches them on there.
 
 Every fp32 GEMM of a fast path on CPU goes through oneDNN
 (:data:`ONEDNN_LINEAR`), where PyTorch's own fp32 matmul calls MKL: for the
@@ -94,12 +99,46 @@ def _parse_names(names, source: str) -> FrozenSet[str]:
     return found
 
 
-# Fast paths switched off: DAVIT_EXT_FAST_PATHS_OFF=norm_ffn_saving,... in
-# the environment, or turned_off() around some calls. The module calls (or,
-# for ``linear``, the layer call) run instead.
-OFF = _parse_names(
-    os.environ.get('DAVIT_EXT_FAST_PATHS_OFF', '').split(','),
-    'DAVIT_EXT_FAST_PATHS_OFF')
+# The inference paths that chunk a half block so that each piece stays in
+# cache. Measured faster than the module calls on AMD EPYC Zen 4 and Zen 5
+# (AVX-512), slower on an AVX2-only Zen 3: DaViT-T fp32 inference, batch 8,
+# ran 1.14-1.19x faster with these four off (two interleaved runs).
+CHUNKED = ('norm_ffn_chunked', 'norm_attn_chunked', 'window_msa_chunked',
+           'channel_attn_t')
+
+
+def cpu_capability() -> str:
+    """The vector ISA ATen dispatches to (``AVX512``, ``AVX2``, ...)."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return 'DEFAULT'
+
+
+def default_off(capability: str) -> FrozenSet[str]:
+    """The fast paths off by default on a CPU of this ``capability``.
+
+    The chunked inference paths run only where they were measured faster: with
+    AVX-512. Elsewhere (AVX2, and ISAs we have not measured) the module calls
+    run, as in the peers.
+    """
+    return frozenset() if capability.startswith('AVX512') else \
+        frozenset(CHUNKED)
+
+
+def _env_names(var: str) -> FrozenSet[str]:
+    names = os.environ.get(var, '').split(',')
+    if [n.strip() for n in names] == ['all']:
+        return frozenset(FAST_PATH_NAMES)
+    return _parse_names(names, var)
+
+
+# Fast paths switched off: this CPU's default_off() less
+# DAVIT_EXT_FAST_PATHS_ON, plus DAVIT_EXT_FAST_PATHS_OFF (names, or ``all``)
+# in the environment; turned_off() adds names around some calls. The module
+# calls (or, for ``linear``, the layer call) run instead.
+OFF = (default_off(cpu_capability()) - _env_names('DAVIT_EXT_FAST_PATHS_ON')
+       ) | _env_names('DAVIT_EXT_FAST_PATHS_OFF')
 
 
 @contextlib.contextmanager

@@ -507,6 +507,8 @@ def machine_info(args) -> Dict:
         date=datetime.datetime.now().isoformat(timespec='seconds'))
     info['ours_fp32_gemm'] = 'oneDNN' if fast_paths.ONEDNN_LINEAR else \
         'addmm (MKL/BLAS, as the peers)'
+    info['cpu_capability'] = fast_paths.cpu_capability()
+    info['fast_paths_off'] = sorted(fast_paths.OFF)
     for mod in ('mmpretrain', 'timm', 'mmengine'):
         try:
             info[mod] = __import__(mod).__version__
@@ -1408,6 +1410,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print(f"CPU: {meta['cpu']}; flags: {' '.join(meta['cpu_flags'])}; "
               'bf16 instructions: ' + ('yes' if meta['cpu_bf16'] else 'NO'))
         print('fp32 GEMMs of our fast paths: ' + meta['ours_fp32_gemm'])
+        print(f"fast paths off in ours ({meta['cpu_capability']}): " +
+              (', '.join(meta['fast_paths_off']) or 'none'))
         if args.dtype == 'bf16' and not meta['cpu_bf16']:
             notes.append(
                 'this CPU has no bf16 instructions (no avx512_bf16 or '
