@@ -102,7 +102,7 @@ def _parse_names(names, source: str) -> FrozenSet[str]:
 # The inference paths that chunk a half block so that each piece stays in
 # cache. Measured faster than the module calls on AMD EPYC Zen 4 and Zen 5
 # (AVX-512), slower on an AVX2-only Zen 3: DaViT-T fp32 inference, batch 8,
-# ran 1.14-1.19x faster with these four off (two interleaved runs).
+# ran 1.18x faster with these four off (benchmark.py --fast-paths-off).
 CHUNKED = ('norm_ffn_chunked', 'norm_attn_chunked', 'window_msa_chunked',
            'channel_attn_t')
 
